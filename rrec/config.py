@@ -1,0 +1,341 @@
+"""Typed parameters: the one schema that `params.yaml` is read through.
+
+Every knob of the pipeline lives here, grouped by stage. Unknown keys, wrong
+types and impossible values stop with a `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A parameter file that cannot be used, with the offending key in the message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SampleParams(_Strict):
+    """The embedded sample catalogue (written by `download` when `data.source: sample`)."""
+
+    seed: int = 7
+    n_items: int = Field(2400, ge=50)
+    n_users: int = Field(3200, ge=50)
+    n_genres: int = Field(12, ge=2)
+    start: dt.date = dt.date(2021, 1, 1)
+    months: int = Field(30, ge=2)
+    mean_interactions: float = Field(9.0, gt=1.0)
+    dirt_share: float = Field(0.03, ge=0.0, le=0.5)
+
+
+class WindowParams(_Strict):
+    """Item cleaning, the temporal window and the split (SPEC section 1)."""
+
+    end: dt.date = dt.date(2023, 6, 30)
+    months: int = Field(12, ge=1)
+    min_items: int = Field(1500, ge=1)
+    kcore: int = Field(0, ge=0)
+    max_history: int = Field(20, ge=1)
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    max_title_words: int = Field(20, ge=1)
+    max_malformed_share: float = Field(0.01, ge=0.0, le=1.0)
+    memory_limit: str = "2GB"
+    threads: int = Field(2, ge=1)
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v):
+            raise ValueError(f"split fractions must all be positive (got {list(v)})")
+        if not math.isclose(sum(v), 1.0, abs_tol=1e-6):
+            raise ValueError(f"split fractions must sum to 1 (got {sum(v):g} from {list(v)})")
+        return v
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str) -> str:
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", v):
+            raise ValueError(f"memory_limit must look like '2GB' or '512MiB' (got {v!r})")
+        return v
+
+
+class DataParams(_Strict):
+    source: Literal["sample", "amazon2023"] = "sample"
+    category: str = "Video_Games"
+    interactions: Literal["rating_only", "reviews"] = "rating_only"
+    base_url: str = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023"
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0)
+    chunk_bytes: int = Field(1 << 20, ge=1024)
+    sample: SampleParams = SampleParams()
+    window: WindowParams = WindowParams()
+
+    @field_validator("category")
+    @classmethod
+    def _category_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", v):
+            raise ValueError(
+                f"category must be an Amazon Reviews 2023 category name such as "
+                f"'Video_Games' (letters, digits, '_' or '-'), got {v!r}"
+            )
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        if not re.match(r"^(https?|file)://", v):
+            raise ValueError(f"base_url must start with http://, https:// or file:// (got {v!r})")
+        return v.rstrip("/")
+
+
+# ------------------------------------------------------------------------ prompts
+
+
+class PromptParams(_Strict):
+    max_description_words: int = Field(100, ge=1)
+
+
+# -------------------------------------------------------------------------- model
+
+
+class TinyBackboneParams(_Strict):
+    """The embedded default backbone: a small Qwen2-style decoder built offline."""
+
+    vocab_size: int = Field(4096, ge=300)
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(384, ge=8)
+    max_position: int = Field(2048, ge=64)
+    pretrain_steps: int = Field(400, ge=0)
+    pretrain_time_budget_s: float = Field(240.0, gt=0)
+    pretrain_batch_size: int = Field(16, ge=1)
+    pretrain_seq_len: int = Field(256, ge=16)
+    pretrain_lr: float = Field(3e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyBackboneParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        return self
+
+
+class LoraParams(_Strict):
+    enabled: bool = True
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]
+
+
+class ModelParams(_Strict):
+    backbone: str = "tiny"
+    tiny: TinyBackboneParams = TinyBackboneParams()
+    lora: LoraParams = LoraParams()
+    tau: float = Field(0.02, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_prompt_tokens: int = Field(1024, ge=16)
+
+
+# -------------------------------------------------------------------------- items
+
+
+class ItemsParams(_Strict):
+    batch_size: int = Field(64, ge=1)
+    chunk_size: int = Field(512, ge=1)
+
+
+# -------------------------------------------------------------------------- train
+
+
+class RolloutParams(_Strict):
+    engine: Literal["hf", "vllm"] = "hf"
+    group_size: int = Field(4, ge=1)
+    temperature: float = Field(1.5, gt=0)
+    top_k: int = Field(200, ge=0)
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class RecPOParams(_Strict):
+    beta: float = Field(0.05, ge=0.0, le=1.0)
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    eps_low: float = Field(0.2, ge=0.0, lt=1.0)
+    eps_high: float = Field(0.28, ge=0.0)
+    item_topk: int = Field(1, ge=1)
+    ndcg_cutoff: int = Field(1000, ge=1)
+
+
+class TrainParams(_Strict):
+    method: Literal["recpo", "contrastive"] = "contrastive"
+    seed: int = 0
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(32, ge=0)
+    batch_size: int = Field(24, ge=2)
+    micro_batch_size: int = Field(24, ge=1)
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_max_users: int | None = Field(256, ge=1)
+    patience: int = Field(3, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(25, ge=1)
+    rollout: RolloutParams = RolloutParams()
+    recpo: RecPOParams = RecPOParams()
+
+
+# ----------------------------------------------------------------------- evaluate
+
+
+class EvaluateParams(_Strict):
+    ks: list[int] = [5, 10, 20]
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    max_users: int | None = Field(None, ge=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError(f"ks must be a non-empty list of positive cut-offs (got {v})")
+        return sorted(set(v))
+
+
+# ---------------------------------------------------------------------- baselines
+
+
+class SASRecParams(_Strict):
+    hidden: int = Field(64, ge=4)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class GRU4RecParams(_Strict):
+    hidden: int = Field(64, ge=4)
+    layers: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class CaserParams(_Strict):
+    hidden: int = Field(64, ge=4)
+    n_vertical: int = Field(4, ge=1)
+    n_horizontal: int = Field(16, ge=1)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+class BaselinesParams(_Strict):
+    models: list[Literal["sasrec", "gru4rec", "caser"]] = ["sasrec", "gru4rec", "caser"]
+    seed: int = 0
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(3, ge=1)
+    time_budget_s: float = Field(60.0, gt=0)
+    sasrec: SASRecParams = SASRecParams()
+    gru4rec: GRU4RecParams = GRU4RecParams()
+    caser: CaserParams = CaserParams()
+
+
+# ----------------------------------------------------------------------- tracking
+
+
+class TrackingParams(_Strict):
+    experiment: str = "rrec"
+    register_model: bool = True
+
+
+class Params(_Strict):
+    seed: int = 0
+    data: DataParams = DataParams()
+    prompts: PromptParams = PromptParams()
+    model: ModelParams = ModelParams()
+    items: ItemsParams = ItemsParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    baselines: BaselinesParams = BaselinesParams()
+    tracking: TrackingParams = TrackingParams()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, for logging to MLflow."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml / rrec/config.py)"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_params(
+    path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None
+) -> Params:
+    """Read and validate a params file; `overrides` maps dotted keys to values."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return parse_params(raw, str(path))

@@ -1,0 +1,70 @@
+"""Full-ranking metrics with one relevant item per example (SPEC section 5).
+
+Conventions, used everywhere in the project (evaluation, rewards, baselines):
+- the user's history items are masked (score -inf) before ranking; the window stage
+  keeps one interaction per (user, item), so the target is never in its own history;
+- rank is 1-based and *pessimistic on ties*: rank = 1 + #{items scoring >= the
+  target, other than the target}. A model that scores everything equal is therefore
+  ranked last, never first;
+- Hit@K = [rank <= K], NDCG@K = 1/log2(rank + 1) if rank <= K else 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+PAD = -1
+
+
+def pad_histories(histories: Sequence[Sequence[int]], device: torch.device | None = None) -> torch.Tensor:
+    """Right-pad variable-length item-id lists with PAD (-1) into a LongTensor."""
+    width = max((len(h) for h in histories), default=0)
+    out = torch.full((len(histories), max(width, 1)), PAD, dtype=torch.long)
+    for row, h in enumerate(histories):
+        if len(h):
+            out[row, : len(h)] = torch.as_tensor(list(h), dtype=torch.long)
+    return out.to(device) if device is not None else out
+
+
+def mask_history(scores: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """Return a copy of `scores` [N, I] with each row's history items (padded [N, L]) at -inf."""
+    masked = scores.clone()
+    valid = history >= 0
+    rows = torch.arange(history.shape[0], device=history.device).unsqueeze(1).expand_as(history)
+    masked[rows[valid], history[valid]] = float("-inf")
+    return masked
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+    """1-based pessimistic rank of each row's target among all items.
+
+    scores [N, I] float, targets [N] long, history [N, L] long padded with -1 (optional).
+    """
+    if history is not None:
+        scores = mask_history(scores, history)
+    target_scores = scores.gather(1, targets.view(-1, 1))
+    at_least = (scores >= target_scores).sum(dim=1)  # includes the target itself
+    return at_least.clamp(min=1)
+
+
+def ndcg_from_ranks(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    ranks = ranks.to(torch.float64)
+    gain = 1.0 / torch.log2(ranks + 1.0)
+    return torch.where(ranks <= k, gain, torch.zeros_like(gain))
+
+
+def hit_from_ranks(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    return (ranks <= k).to(torch.float64)
+
+
+def ranking_metrics(ranks: torch.Tensor, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
+    """Mean Hit@K and NDCG@K over examples, keyed 'hit@K' / 'ndcg@K'."""
+    if ranks.numel() == 0:
+        raise ValueError("no examples to evaluate")
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"hit@{k}"] = float(hit_from_ranks(ranks, k).mean())
+        out[f"ndcg@{k}"] = float(ndcg_from_ranks(ranks, k).mean())
+    return out

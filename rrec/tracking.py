@@ -1,0 +1,123 @@
+"""The one place that talks to MLflow.
+
+The tracking store is `mlflow/` in the project (sqlite + artifacts) unless
+`MLFLOW_TRACKING_URI` says otherwise. Every run carries the git commit, the flat
+params and the data version (the `dvc.lock` hash of the processed data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rrec.config import Params
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def store_dir(root: Path | None = None) -> Path:
+    return (root or Path.cwd()) / "mlflow"
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = store_dir(root).resolve() / "mlflow.db"
+    return f"sqlite:///{db}"
+
+
+def configure(root: Path | None = None) -> str:
+    """Point MLflow at the project's store; returns the tracking URI."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    store_dir(root).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, root: Path | None = None) -> str:
+    import mlflow
+
+    configure(root)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        artifacts = (store_dir(root).resolve() / "artifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or Path.cwd(), capture_output=True, text=True, timeout=10
+        )
+        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root or Path.cwd(), capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty and commit != "unknown" else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_version(root: Path | None = None, stages: tuple[str, ...] = ("window", "prompts")) -> str:
+    """A short hash of the recorded outputs of the data stages in dvc.lock."""
+    lock = (root or Path.cwd()) / "dvc.lock"
+    if not lock.exists():
+        return "unversioned"
+    recorded = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    hashes = {
+        s: [o.get("md5") for o in recorded.get(s, {}).get("outs", [])] for s in stages if s in recorded
+    }
+    if not hashes:
+        return "unversioned"
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def start_run(
+    params: Params,
+    stage: str,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    root: Path | None = None,
+) -> Iterator[Any]:
+    """An MLflow run with the project's standard tags and params.
+
+    A failing body ends the run FAILED (MLflow's own context manager does this)."""
+    import mlflow
+
+    exp_id = ensure_experiment(params.tracking.experiment, root)
+    all_tags = {
+        "rrec.stage": stage,
+        "rrec.category": params.data.category,
+        "rrec.data_version": data_version(root),
+        "mlflow.source.git.commit": git_commit(root),
+        **(tags or {}),
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name or stage, tags=all_tags) as run:
+        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.flat().items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+    import mlflow
+
+    clean = {f"{prefix}{k}".replace("@", "_at_"): float(v) for k, v in metrics.items()}
+    mlflow.log_metrics(clean, step=step)
