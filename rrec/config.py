@@ -245,6 +245,7 @@ class CaserParams(_Strict):
     n_vertical: int = Field(4, ge=1)
     n_horizontal: int = Field(16, ge=1)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    window: int = Field(5, ge=1)  # L: the convolutions see the last L items
 
 
 class BaselinesParams(_Strict):

@@ -68,3 +68,63 @@ def ranking_metrics(ranks: torch.Tensor, ks: Sequence[int] = (5, 10, 20)) -> dic
         out[f"hit@{k}"] = float(hit_from_ranks(ranks, k).mean())
         out[f"ndcg@{k}"] = float(ndcg_from_ranks(ranks, k).mean())
     return out
+
+
+from collections.abc import Callable  # noqa: E402  (appended with evaluate_scorer)
+
+
+def evaluate_scorer(
+    score_fn: Callable[[list[int]], torch.Tensor],
+    histories: Sequence[Sequence[int]],
+    targets: Sequence[int],
+    ks: Sequence[int] = (5, 10, 20),
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Full-ranking metrics of any scorer over examples, the history masked.
+
+    `score_fn(batch_indices)` gets the positions (into `histories`/`targets`) of one
+    batch and returns scores [len(batch_indices), n_items] on any device. Returns
+    `ranking_metrics` of the pooled ranks plus "n", the number of examples.
+    """
+    from tqdm.auto import tqdm
+
+    if len(histories) != len(targets):
+        raise ValueError(
+            f"evaluate_scorer: {len(histories)} histories but {len(targets)} targets; "
+            "pass one history per target"
+        )
+    if not len(targets):
+        raise ValueError("evaluate_scorer: no examples to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"evaluate_scorer: batch_size must be >= 1 (got {batch_size})")
+    ranks: list[torch.Tensor] = []
+    starts = range(0, len(targets), batch_size)
+    for start in tqdm(starts, desc="ranking", unit="batch", disable=not progress, leave=False):
+        idx = list(range(start, min(start + batch_size, len(targets))))
+        with torch.no_grad():
+            scores = score_fn(idx)
+        if scores.dim() != 2 or scores.shape[0] != len(idx):
+            raise ValueError(
+                f"evaluate_scorer: score_fn returned shape {tuple(scores.shape)} for a batch of "
+                f"{len(idx)}; expected [{len(idx)}, n_items]"
+            )
+        if torch.isnan(scores).any():
+            # a NaN target would compare false against everything and rank first
+            raise ValueError(
+                f"evaluate_scorer: score_fn returned NaN scores for examples {idx[0]}..{idx[-1]}"
+            )
+        n_items = scores.shape[1]
+        batch_targets = torch.as_tensor([targets[i] for i in idx], dtype=torch.long)
+        bad = (batch_targets < 0) | (batch_targets >= n_items)
+        if bad.any():
+            row = idx[int(bad.nonzero()[0, 0])]
+            raise ValueError(
+                f"evaluate_scorer: example {row} has target {targets[row]} outside the "
+                f"{n_items} scored items"
+            )
+        history = pad_histories([histories[i] for i in idx], device=scores.device)
+        ranks.append(target_ranks(scores.float(), batch_targets.to(scores.device), history).cpu())
+    out = ranking_metrics(torch.cat(ranks), ks)
+    out["n"] = float(len(targets))
+    return out

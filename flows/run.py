@@ -1,0 +1,33 @@
+"""`python -m flows.run STAGE`: run one stage's Prefect flow (what `dvc.yaml` calls)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from rrec.config import ConfigError
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    stage: str = typer.Argument(..., help="download, window, prompts, backbone, items, train, evaluate, baselines or report"),
+    params: str = typer.Option("params.yaml", help="parameter file, relative to --root"),
+    root: str = typer.Option(".", help="project root holding data/, models/, reports/"),
+) -> None:
+    from flows.stages import STAGE_FLOWS
+
+    if stage not in STAGE_FLOWS:
+        typer.echo(f"unknown stage {stage!r}; choose one of: {', '.join(STAGE_FLOWS)}", err=True)
+        raise typer.Exit(2)
+    try:
+        STAGE_FLOWS[stage](params_path=params, root=root)
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rrec.config import ConfigError, Params, load_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, tree: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def _committed() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_committed_params_match_schema_defaults():
+    # params.yaml is the embedded default: every key it sets equals the schema default,
+    # so the schema and the file cannot drift apart silently.
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_unknown_key_is_named(tmp_path):
+    tree = _committed()
+    tree["data"]["window"]["min_itmes"] = 5
+    with pytest.raises(ConfigError, match=r"data\.window\.min_itmes: unknown key"):
+        load_params(_write(tmp_path, tree))
+
+
+def test_wrong_type_is_named(tmp_path):
+    tree = _committed()
+    tree["train"]["batch_size"] = "lots"
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_params(_write(tmp_path, tree))
+
+
+def test_split_must_sum_to_one(tmp_path):
+    tree = _committed()
+    tree["data"]["window"]["split"] = [0.8, 0.1, 0.05]
+    with pytest.raises(ConfigError, match=r"data\.window\.split: .*sum to 1"):
+        load_params(_write(tmp_path, tree))
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("model.tau", 0),
+        ("train.rollout.temperature", -1.0),
+        ("data.source", "kaggle"),
+        ("data.category", "Video Games; rm -rf"),
+        ("model.tiny.num_heads", 3),
+        ("evaluate.ks", []),
+    ],
+)
+def test_impossible_values_are_named(tmp_path, dotted, value):
+    tree = _committed()
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError) as err:
+        load_params(_write(tmp_path, tree))
+    assert ".".join(parents) in str(err.value)
+
+
+def test_overrides_use_dotted_keys(tmp_path):
+    p = _write(tmp_path, _committed())
+    params = load_params(p, overrides={"train.recpo.beta": 1.0, "train.method": "recpo"})
+    assert params.train.recpo.beta == 1.0
+    assert params.train.method == "recpo"
+    with pytest.raises(ConfigError, match="train.recpo.bta"):
+        load_params(p, overrides={"train.recpo.bta": 1.0})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_flat_view_has_dotted_keys():
+    flat = Params().flat()
+    assert flat["train.recpo.beta"] == 0.05
+    assert flat["data.window.split"] == [0.8, 0.1, 0.1]
