@@ -121,3 +121,27 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str 
 
     clean = {f"{prefix}{k}".replace("@", "_at_"): float(v) for k, v in metrics.items()}
     mlflow.log_metrics(clean, step=step)
+
+
+def finished_runs_by_method(
+    experiment: str, category: str, version: str | None = None, root: Path | None = None
+) -> dict[str, dict[str, Any]]:
+    """Newest FINISHED run per `rrec.method` tag for a category (and data version)."""
+    import mlflow
+
+    configure(root)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    query = f"tags.`rrec.category` = '{category}' and attributes.status = 'FINISHED'"
+    if version is not None:
+        query += f" and tags.`rrec.data_version` = '{version}'"
+    runs = mlflow.search_runs(
+        [exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], output_format="list"
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        method = run.data.tags.get("rrec.method")
+        if method and method not in out and any(k.startswith("test_") for k in run.data.metrics):
+            out[method] = {"run_id": run.info.run_id, "metrics": dict(run.data.metrics)}
+    return out

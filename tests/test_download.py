@@ -98,7 +98,7 @@ def server(request: pytest.FixtureRequest) -> Server:
     state = Server()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
 
     def stop() -> None:

@@ -190,6 +190,11 @@ def _download_http(
             raise DownloadError(f"{url}: HTTP {status} {resp.reason or ''}".rstrip())
         if status == 206:
             start, total = _content_range(resp.headers.get("Content-Range"))
+            if start != offset and not offset:
+                raise DownloadError(
+                    f"{url}: answered a plain request with a partial response "
+                    f"(Content-Range {resp.headers.get('Content-Range')!r}); cannot download it"
+                )
             if start != offset:
                 log.warning("%s: server answered a range from byte %s, not %d; starting over",
                             url, start, offset)

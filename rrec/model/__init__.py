@@ -1,0 +1,33 @@
+"""Backbone loading (Hub id, local path or the embedded tiny one), the two heads,
+last-hidden-state extraction and LoRA."""
+
+from rrec.model.backbone import (
+    BackboneError,
+    add_control_tokens,
+    build_backbone,
+    load_model_and_tokenizer,
+    resolve_dtype,
+)
+from rrec.model.lora import apply_lora, load_adapter, save_adapter, trainable_parameters
+from rrec.model.tokenizer import ANSWER, CHAT_TEMPLATE, END_ANSWER, control_token_id
+from rrec.model.wrapper import RecModel, answer_positions, gather_answer_states, score
+
+__all__ = [
+    "ANSWER",
+    "CHAT_TEMPLATE",
+    "END_ANSWER",
+    "BackboneError",
+    "RecModel",
+    "add_control_tokens",
+    "answer_positions",
+    "apply_lora",
+    "build_backbone",
+    "control_token_id",
+    "gather_answer_states",
+    "load_adapter",
+    "load_model_and_tokenizer",
+    "resolve_dtype",
+    "save_adapter",
+    "score",
+    "trainable_parameters",
+]

@@ -1,0 +1,359 @@
+"""The whole pipeline as one Prefect flow, and `dvc repro` behind one shared Prefect server.
+
+`pipeline_flow` runs `dvc repro --single-item <stage>` for every stage of `dvc.yaml`, in
+the file's order, one Prefect task each. DVC decides whether a stage has work to do:
+its lock file (`dvc.lock`) records the hashes of every stage's deps, params and outs,
+so a re-run after a failure or an interruption skips the stages that already finished
+and resumes at the first one whose inputs changed or whose outputs are missing.
+
+Every `python -m flows.run STAGE` that DVC starts is a Prefect client. Without
+`PREFECT_API_URL` each of them would start (and stop) its own temporary Prefect
+server; the flow here passes its own API URL to the stages instead, and
+`repro_with_server` starts one server for a plain `dvc repro`.
+
+    python -m flows.pipeline run [--stage window --stage prompts]
+    python -m flows.pipeline repro [-- <dvc repro arguments>]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import typer
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_STAGE = "download"
+TAIL_LINES = 30
+# tqdm redraws its bar with "\r"; such lines are logged at most this often per stream.
+PROGRESS_LOG_EVERY_S = 10.0
+_SKIP_MARKERS = ("didn't change, skipping", "is cached - skipping run")
+
+
+class StageFailed(RuntimeError):
+    """A `dvc repro` that exited non-zero; the message holds the end of its stderr."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    stdout_tail: list[str]
+    stderr_tail: list[str]
+    skipped: bool
+
+
+def dvc_stages(root: str | Path = ".") -> list[str]:
+    """The stage names of `<root>/dvc.yaml`, in the order the file lists them."""
+    path = Path(root) / "dvc.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no dvc.yaml here; pass the project root as `root`")
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    if not isinstance(stages, dict) or not stages:
+        raise ValueError(f"{path}: has no `stages:` mapping")
+    return list(stages)
+
+
+def dvc_command() -> list[str]:
+    """How to call DVC: the `dvc` on PATH, else the one installed beside this Python."""
+    found = shutil.which("dvc")
+    return [found] if found else [sys.executable, "-m", "dvc"]
+
+
+def current_api_url() -> str | None:
+    """The Prefect API this process talks to, for the child processes to share.
+
+    That is `PREFECT_API_URL` when set, else the temporary server this process started
+    for itself (a real HTTP server on 127.0.0.1 that lives until this process exits)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return url
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url).rstrip("/")
+    return url if url.startswith(("http://", "https://")) else None
+
+
+def _pump(raw: IO[bytes], name: str, out: queue.Queue[tuple[str, str | None]]) -> None:
+    # newline="": lines end at "\n", "\r\n" or "\r", and the ending is kept, so
+    # progress-bar redraws (ending in a bare "\r") can be told from lines.
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    for line in iter(stream.readline, ""):
+        out.put((name, line))
+    out.put((name, None))
+
+
+def run_streaming(
+    cmd: Sequence[str],
+    cwd: Path,
+    log_line: Callable[[str, str], None],
+    env: dict[str, str] | None = None,
+    tail_lines: int = TAIL_LINES,
+) -> CommandResult:
+    """Run `cmd`, handing each output line to `log_line(stream, line)` as it arrives
+    ("stdout" or "stderr"); returns the exit status and the last lines of each stream."""
+    proc = subprocess.Popen(
+        list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [
+        threading.Thread(target=_pump, args=(proc.stdout, "stdout", lines), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, "stderr", lines), daemon=True),
+    ]
+    for t in readers:
+        t.start()
+    tails = {"stdout": deque[str](maxlen=tail_lines), "stderr": deque[str](maxlen=tail_lines)}
+    last_progress = {"stdout": 0.0, "stderr": 0.0}
+    skipped, open_streams = False, 2
+    try:
+        while open_streams:
+            name, raw = lines.get()
+            if raw is None:
+                open_streams -= 1
+                continue
+            text = raw.rstrip("\r\n")
+            if not text.strip():
+                continue
+            if raw.endswith("\r") and not raw.endswith("\r\n"):
+                now = time.monotonic()
+                if now - last_progress[name] < PROGRESS_LOG_EVERY_S:
+                    continue
+                last_progress[name] = now
+            else:
+                tails[name].append(text)
+            skipped = skipped or any(m in text for m in _SKIP_MARKERS)
+            log_line(name, text)
+    except BaseException:
+        proc.terminate()
+        proc.wait()
+        raise
+    returncode = proc.wait()
+    for t in readers:
+        t.join()
+    return CommandResult(returncode, list(tails["stdout"]), list(tails["stderr"]), skipped)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    url = current_api_url()
+    if url:
+        env["PREFECT_API_URL"] = url
+    return env
+
+
+def run_dvc(args: Sequence[str], root: Path) -> CommandResult:
+    """`dvc <args>` in `root`, its output streamed to the current Prefect run's logger.
+
+    Raises `StageFailed` with the end of stderr when DVC exits non-zero."""
+    logger = get_run_logger()
+    cmd = [*dvc_command(), *args]
+    shown = "dvc " + " ".join(args)
+    logger.info("running `%s` in %s", shown, root)
+
+    def log_line(stream: str, text: str) -> None:
+        (logger.warning if stream == "stderr" and "ERROR" in text else logger.info)(text)
+
+    result = run_streaming(cmd, root, log_line, env=child_env())
+    if result.returncode != 0:
+        tail = result.stderr_tail or result.stdout_tail
+        body = "\n".join(f"  {line}" for line in tail) or "  (no output)"
+        raise StageFailed(
+            f"`{shown}` exited with status {result.returncode} in {root.resolve()}. "
+            f"Last lines of its stderr:\n{body}\n"
+            f"Fix the cause and run again: stages that finished are skipped."
+        )
+    return result
+
+
+@task(name="dvc-repro-stage", cache_policy=NO_CACHE, retries=0)
+def repro_stage(stage: str, root: str) -> str:
+    """One stage, alone (`--single-item`): its upstream stages ran before it in this flow."""
+    result = run_dvc(["repro", "--single-item", stage], Path(root))
+    return "skipped" if result.skipped else "ran"
+
+
+def _select(stages: Sequence[str] | None, root: str) -> list[str]:
+    known = dvc_stages(root)
+    if stages is None:
+        return known
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        raise ValueError(
+            f"{Path(root) / 'dvc.yaml'} has no stage(s) {unknown}; choose from {known}"
+        )
+    return [s for s in known if s in set(stages)]
+
+
+@flow(name="pipeline")
+def pipeline_flow(
+    stages: list[str] | None = None,
+    root: str = ".",
+    download_retries: int = 3,
+    retry_delay_s: float = 30.0,
+) -> dict[str, str]:
+    """Reproduce the pipeline stage by stage, in `dvc.yaml` order; returns stage -> "ran"/"skipped".
+
+    `stages` limits the run to those stages (still in `dvc.yaml` order). A stage whose
+    deps, params and outs match `dvc.lock` is skipped by DVC itself, so running this flow
+    again after a failure resumes at the failed stage. Only `download` is retried
+    (`download_retries` times, `retry_delay_s` apart): its failures are mostly transient
+    network errors, while any other stage failing again on the same inputs would fail
+    the same way. A failing stage fails the flow run; its stderr tail is in the message.
+    """
+    logger = get_run_logger()
+    selected = _select(stages, root)
+    logger.info("stages to reproduce: %s", ", ".join(selected))
+    outcome: dict[str, str] = {}
+    for stage in selected:
+        step = repro_stage.with_options(name=f"repro-{stage}")
+        if stage == DOWNLOAD_STAGE and download_retries > 0:
+            step = step.with_options(retries=download_retries, retry_delay_seconds=retry_delay_s)
+        outcome[stage] = step(stage, root)
+    return outcome
+
+
+# ------------------------------------------------------------ one server for `dvc repro`
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _prefect_cli() -> list[str]:
+    beside = Path(sys.executable).with_name("prefect")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("prefect")
+    return [found] if found else [sys.executable, "-m", "prefect"]
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def stop_process(proc: subprocess.Popen[Any], grace_s: float = 20.0) -> None:
+    """SIGTERM the process by its id, then SIGKILL it if it has not exited after `grace_s`."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def prefect_server(
+    host: str = "127.0.0.1", port: int | None = None, startup_timeout_s: float = 90.0
+) -> Iterator[str]:
+    """A Prefect server for the duration of the block; yields its API URL.
+
+    With `PREFECT_API_URL` already set (environment or Prefect profile) nothing is started and that URL is yielded.
+    Otherwise `prefect server start` runs as a child process on `host` and a free port;
+    the block is entered once `/api/health` answers, and the server is stopped by its
+    process id when the block ends, however it ends."""
+    from prefect.settings import PREFECT_API_URL
+
+    existing = PREFECT_API_URL.value()
+    if existing:
+        yield existing
+        return
+    port = port or free_port(host)
+    api_url = f"http://{host}:{port}/api"
+    cmd = [*_prefect_cli(), "server", "start", "--host", host, "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        text=True, errors="replace",
+    )
+    output: deque[str] = deque(maxlen=40)
+    assert proc.stdout is not None
+    drain = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    drain.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not _healthy(api_url):
+            if proc.poll() is not None:
+                drain.join(timeout=5)
+                raise RuntimeError(
+                    f"`{' '.join(cmd)}` exited with status {proc.returncode} before answering "
+                    f"on {api_url}/health. Its last output:\n" + "".join(output)
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Prefect server (pid {proc.pid}) did not answer on {api_url}/health "
+                    f"within {startup_timeout_s:g} s. Its last output:\n" + "".join(output)
+                )
+            time.sleep(0.25)
+        log.info("Prefect server pid %d answering at %s", proc.pid, api_url)
+        yield api_url
+    finally:
+        stop_process(proc)
+
+
+def repro_with_server(dvc_args: Sequence[str] = (), root: str | Path = ".") -> int:
+    """`dvc repro <dvc_args>` in `root` with every stage's flow reporting to one Prefect
+    server (started here unless `PREFECT_API_URL` is set); returns DVC's exit status."""
+    with prefect_server() as api_url:
+        env = {**os.environ, "PREFECT_API_URL": api_url}
+        cmd = [*dvc_command(), "repro", *dvc_args]
+        return subprocess.run(cmd, cwd=Path(root), env=env, check=False).returncode
+
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+
+
+@app.command("run")
+def run_cmd(
+    stage: list[str] | None = typer.Option(None, "--stage", "-s", help="only these stages (repeatable)"),
+    root: str = typer.Option(".", help="project root holding dvc.yaml"),
+) -> None:
+    """Run `pipeline_flow`: one Prefect task per stage."""
+    try:
+        pipeline_flow(stages=stage or None, root=root)
+    except StageFailed as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command(
+    "repro", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def repro_cmd(ctx: typer.Context, root: str = typer.Option(".", help="project root")) -> None:
+    """`dvc repro` (extra arguments are passed on) with one Prefect server for all stages."""
+    raise typer.Exit(repro_with_server(list(ctx.args), root))
+
+
+if __name__ == "__main__":
+    app()

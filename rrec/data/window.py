@@ -1,0 +1,548 @@
+"""The `window` stage: clean items, cut the temporal window, build examples, split (SPEC section 1).
+
+Everything runs in DuckDB over the gzip files; Python only sees the metadata strings
+that contain an HTML entity (see `rrec.data.clean`) and, at the end, the output rows on
+their way into Parquet. The steps, in order, with the counter each one feeds:
+
+1. Read both files at once (two DuckDB connections on two threads).
+   Interactions: the rating-only CSV (header `user_id,parent_asin,rating,timestamp`,
+   timestamps in ms) or the reviews JSONL, by `data.interactions`. A line is
+   `malformed` when it cannot be read as a record or lacks a non-empty user_id or
+   parent_asin, a finite rating or an integer timestamp. Metadata JSONL: `malformed`
+   when the line is not a JSON object with a non-empty parent_asin. Blank lines are
+   neither counted nor malformed. A file whose malformed share exceeds
+   `max_malformed_share` stops the stage with an error naming the file.
+2. Items: the rules of `rrec.data.clean` (missing_title, span_title, short_title,
+   long_title, bad_price, duplicate_meta), one reason per metadata line.
+3. Interactions whose item has no valid metadata are dropped (`no_metadata`).
+4. The window: `end` = the end of `window.end` (UTC, inclusive); `start` = midnight UTC
+   of `window.end` minus `months` calendar months (a day past the end of a shorter month
+   becomes its last day). While fewer than `min_items` distinct items have an
+   interaction in `[start, end]`, `start` moves back one more month; it stops early,
+   with a warning, once it reaches the earliest interaction. Interactions outside are
+   dropped (`outside_window`).
+5. Duplicates: one interaction per (user, item) is kept, the earliest (on equal
+   timestamps the lower rating), the others are dropped (`duplicate_interactions`); a
+   target is therefore never in its own history.
+6. k-core (`kcore` > 0): users and items with fewer than k interactions are removed,
+   repeatedly, until none is left (`kcore`). The roll-back of step 4 counts items
+   before this filter.
+7. Items still present get `item_id` 0..n-1 in `parent_asin` order.
+8. Examples: per user, interactions ordered by (timestamp, parent_asin); every position
+   t >= 1 is one example whose history is the previous up to `max_history` items (oldest
+   first) with their ratings and timestamps. All examples are ordered by (target
+   timestamp, user_id, target item_id); `example_id` is the position in that order.
+   With N examples, train = floor(N * split[0]), valid = floor(N * split[1]),
+   test = the rest (this reproduces the split sizes of the paper's Table 3).
+
+Outputs (`rrec.data.schema`): `data/processed/{items,train,valid,test}.parquet` and
+`reports/window_stats.json`. A run first deletes the previous outputs, writes the new
+ones into a hidden folder under `data/`, then renames the folder into place and writes
+the stats last, so a failed run leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import gzip
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rrec.config import Params, WindowParams
+from rrec.data import clean
+from rrec.data.schema import EXAMPLES, ITEMS
+from rrec.paths import SPLITS, Paths
+
+CSV_HEADER = "user_id,parent_asin,rating,timestamp"
+INTERACTION_REASONS: tuple[str, ...] = (
+    "no_metadata",
+    "outside_window",
+    "duplicate_interactions",
+    "kcore",
+)
+DROP_REASONS: tuple[str, ...] = clean.ITEM_REASONS + INTERACTION_REASONS
+
+_INTERACTION_COLUMNS = (
+    "{'user_id': 'VARCHAR', 'parent_asin': 'VARCHAR', 'rating': 'DOUBLE', 'timestamp': 'BIGINT'}"
+)
+# Only the fields the later stages use; JSON for the two whose type decides validity.
+_META_COLUMNS = (
+    "{'parent_asin': 'VARCHAR', 'title': 'JSON', 'price': 'JSON', 'description': 'VARCHAR[]', "
+    "'features': 'VARCHAR[]', 'store': 'VARCHAR', 'categories': 'VARCHAR[]', "
+    "'main_category': 'VARCHAR', 'average_rating': 'DOUBLE', 'rating_number': 'BIGINT'}"
+)
+_INTERACTION_OK = (
+    "(user_id IS NOT NULL AND user_id <> '' AND parent_asin IS NOT NULL AND parent_asin <> '' "
+    "AND rating IS NOT NULL AND isfinite(rating) AND ts IS NOT NULL)"
+)
+
+
+class WindowError(ValueError):
+    """Input the window stage cannot use; the message names the file and what to do."""
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _q(path: Path) -> str:
+    """`path` as a SQL string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def months_before(day: dt.date, months: int) -> dt.date:
+    """`day` moved back `months` calendar months, clipped to the end of a shorter month."""
+    index = day.year * 12 + day.month - 1 - months
+    year, month = divmod(index, 12)
+    return dt.date(year, month + 1, min(day.day, calendar.monthrange(year, month + 1)[1]))
+
+
+def _ms(day: dt.date) -> int:
+    """Milliseconds since the epoch at midnight UTC of `day`."""
+    return calendar.timegm(day.timetuple()) * 1000
+
+
+def _utc_date(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).date().isoformat()
+
+
+def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(train, valid, test) sizes: floor for the first two, the rest to test."""
+    n_train = math.floor(n * fractions[0] + 1e-9)
+    n_valid = math.floor(n * fractions[1] + 1e-9)
+    return n_train, n_valid, n - n_train - n_valid
+
+
+class _Phases:
+    """Prints each phase with its duration (the stage runs for minutes on real data)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+        print(f"[window] {name}: {self.seconds[name]:.2f} s", flush=True)
+
+    def total(self) -> float:
+        return time.perf_counter() - self._t0
+
+
+# ----------------------------------------------------------------------- reading
+
+
+def _check_csv_header(path: Path) -> None:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as fh:
+            first = fh.readline()
+    except (OSError, EOFError) as err:
+        raise WindowError(f"{path}: cannot be read as gzip ({err}); download it again") from None
+    got = first.lstrip("\ufeff").strip().replace(" ", "")
+    if got != CSV_HEADER:
+        raise WindowError(
+            f"{path}: line 1 is {first.strip()!r}, expected the header {CSV_HEADER!r} of the "
+            f"Amazon Reviews 2023 rating-only files; for the review JSONL set "
+            f"data.interactions: reviews"
+        )
+
+
+def _read_interactions(
+    con: duckdb.DuckDBPyConnection, path: Path, fmt: str
+) -> tuple[int, int]:
+    """Create `inter_raw(user_id, parent_asin, rating, ts, ok)`; return (lines, malformed)."""
+    if fmt == "rating_only":
+        _check_csv_header(path)
+        source = (
+            f"read_csv({_q(path)}, header=true, auto_detect=false, delim=',', quote='\"', "
+            f"escape='\"', columns={_INTERACTION_COLUMNS}, ignore_errors=true, "
+            f"store_rejects=true, rejects_table='rrec_rejects', rejects_scan='rrec_rejects_scan')"
+        )
+    else:
+        source = (
+            f"read_json({_q(path)}, format='newline_delimited', ignore_errors=true, "
+            f"columns={_INTERACTION_COLUMNS})"
+        )
+    con.execute(
+        "CREATE OR REPLACE TABLE inter_raw AS SELECT *, "
+        f"{_INTERACTION_OK} AS ok FROM ("
+        f"SELECT user_id, parent_asin, rating, \"timestamp\" AS ts FROM {source})"
+    )
+    rows, bad = con.execute("SELECT count(*), count_if(NOT ok) FROM inter_raw").fetchone()
+    rejected = 0
+    if fmt == "rating_only":
+        # A line can carry several errors (one row each); count lines.
+        (rejected,) = con.execute("SELECT count(DISTINCT line) FROM rrec_rejects").fetchone()
+    return rows + rejected, bad + rejected
+
+
+def _read_meta(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[int, int]:
+    """Create `meta_raw` in file order (rowid = line order); return (lines, malformed)."""
+    con.execute(
+        "CREATE OR REPLACE TABLE meta_raw AS SELECT * FROM read_json("
+        f"{_q(path)}, format='newline_delimited', ignore_errors=true, "
+        f"maximum_object_size=268435456, columns={_META_COLUMNS})"
+    )
+    rows, ok = con.execute(
+        "SELECT count(*), count_if(parent_asin IS NOT NULL AND parent_asin <> '') FROM meta_raw"
+    ).fetchone()
+    return rows, rows - ok
+
+
+def _check_malformed(path: Path, lines: int, malformed: int, limit: float) -> None:
+    if lines == 0:
+        raise WindowError(f"{path}: holds no lines; download it again")
+    share = malformed / lines
+    if share > limit:
+        raise WindowError(
+            f"{path}: {malformed:,} of {lines:,} lines are malformed (share {share:.4f}, above "
+            f"data.window.max_malformed_share={limit}); the file is probably damaged: download "
+            f"it again, or raise data.window.max_malformed_share to accept it"
+        )
+
+
+def _read_both(
+    con: duckdb.DuckDBPyConnection, inter_path: Path, fmt: str, meta_path: Path
+) -> dict[Path, tuple[int, int]]:
+    """Both files at once: DuckDB decompresses one gzip stream per thread."""
+    jobs: dict[Path, Callable[[duckdb.DuckDBPyConnection], tuple[int, int]]] = {
+        inter_path: lambda c: _read_interactions(c, inter_path, fmt),
+        meta_path: lambda c: _read_meta(c, meta_path),
+    }
+    cursors = {p: con.cursor() for p in jobs}
+    try:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = {p: pool.submit(job, cursors[p]) for p, job in jobs.items()}
+            return {p: f.result() for p, f in futures.items()}
+    except duckdb.Error as err:
+        raise WindowError(f"reading {inter_path} / {meta_path} failed: {err}") from err
+    finally:
+        for c in cursors.values():
+            c.close()
+
+
+# ------------------------------------------------------------------------- steps
+
+
+def _clean_items(con: duckdb.DuckDBPyConnection, max_title_words: int) -> dict[str, int]:
+    """Create `meta_valid(parent_asin, line_no, title, price)`; return drops per reason."""
+    source = "(SELECT rowid AS line_no, parent_asin, title, price FROM meta_raw)"
+    con.execute(
+        "CREATE OR REPLACE TABLE meta_checked AS "
+        + clean.item_validity_sql(source, max_title_words)
+    )
+    con.execute(
+        "CREATE OR REPLACE TABLE meta_valid AS SELECT parent_asin, line_no, title, price "
+        "FROM meta_checked WHERE reason IS NULL "
+        "QUALIFY row_number() OVER (PARTITION BY parent_asin ORDER BY line_no) = 1"
+    )
+    drops = {r: 0 for r in clean.ITEM_REASONS}
+    for reason, n in con.execute(
+        "SELECT reason, count(*) FROM meta_checked WHERE reason IS NOT NULL GROUP BY reason"
+    ).fetchall():
+        drops[reason] = n
+    (n_ok,) = con.execute("SELECT count(*) FROM meta_checked WHERE reason IS NULL").fetchone()
+    (n_kept,) = con.execute("SELECT count(*) FROM meta_valid").fetchone()
+    drops["duplicate_meta"] = n_ok - n_kept
+    con.execute("DROP TABLE meta_checked")
+    return drops
+
+
+def _choose_window(
+    con: duckdb.DuckDBPyConnection, w: WindowParams, inter_path: Path
+) -> tuple[dt.date, int, int, int, bool]:
+    """Return (start day, months rolled back, interactions with valid metadata,
+    interactions without, whether min_items was reached)."""
+    end_excl = _ms(w.end + dt.timedelta(days=1))
+    con.execute(
+        "CREATE OR REPLACE TABLE item_span AS SELECT parent_asin, count(*) AS n, min(ts) AS first_ts, "
+        f"max(ts) FILTER (WHERE ts < {end_excl}) AS last_ts "
+        "FROM inter_raw WHERE ok GROUP BY parent_asin"
+    )
+    n_valid, n_invalid, earliest, t_min, t_max = con.execute(
+        "SELECT coalesce(sum(n) FILTER (WHERE v.parent_asin IS NOT NULL), 0), "
+        "coalesce(sum(n) FILTER (WHERE v.parent_asin IS NULL), 0), "
+        "min(first_ts) FILTER (WHERE v.parent_asin IS NOT NULL), min(first_ts), max(s.last_ts) "
+        "FROM item_span s LEFT JOIN meta_valid v USING (parent_asin)"
+    ).fetchone()
+    last = np.sort(
+        np.asarray(
+            [r[0] for r in con.execute(
+                "SELECT s.last_ts FROM item_span s JOIN meta_valid v USING (parent_asin) "
+                "WHERE s.last_ts IS NOT NULL"
+            ).fetchall()],
+            dtype=np.int64,
+        )
+    )
+    if last.size == 0:
+        span = "no usable interactions at all" if t_min is None else (
+            f"interactions from {_utc_date(t_min)}"
+            + (f" to {_utc_date(t_max)}" if t_max is not None else "")
+        )
+        raise WindowError(
+            f"{inter_path}: no interaction with valid item metadata falls on or before "
+            f"data.window.end={w.end} ({span}); set data.window.end inside the data "
+            f"(timestamps must be in milliseconds)"
+        )
+    k = 0
+    while True:
+        start = months_before(w.end, w.months + k)
+        n_items = int(last.size - np.searchsorted(last, _ms(start), side="left"))
+        if n_items >= w.min_items:
+            return start, k, int(n_valid), int(n_invalid), True
+        if _ms(start) <= earliest:
+            warnings.warn(
+                f"window: only {n_items} items have interactions between the earliest one "
+                f"({_utc_date(earliest)}) and {w.end}, fewer than data.window.min_items="
+                f"{w.min_items}; using all of them (start {start}, {k} months rolled back)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return start, k, int(n_valid), int(n_invalid), False
+        k += 1
+
+
+def _cut_window(con: duckdb.DuckDBPyConnection, start_ms: int, end_excl: int) -> tuple[int, int]:
+    """Create `win(user_id, parent_asin, ts, rating)`, one row per (user, item);
+    return (interactions inside the window, rows kept)."""
+    con.execute(
+        "CREATE OR REPLACE TABLE win_dups AS "
+        "SELECT user_id, parent_asin, min({'ts': ts, 'rating': rating}) AS first, count(*) AS n "
+        "FROM inter_raw WHERE ok AND parent_asin IN (SELECT parent_asin FROM meta_valid) "
+        f"AND ts >= {start_ms} AND ts < {end_excl} GROUP BY user_id, parent_asin"
+    )
+    con.execute(
+        "CREATE OR REPLACE TABLE win AS SELECT user_id, parent_asin, "
+        "first.ts AS ts, first.rating AS rating FROM win_dups"
+    )
+    n_in, n_kept = con.execute("SELECT coalesce(sum(n), 0), count(*) FROM win_dups").fetchone()
+    con.execute("DROP TABLE win_dups")
+    return int(n_in), int(n_kept)
+
+
+def _kcore(con: duckdb.DuckDBPyConnection, k: int) -> int:
+    """Repeatedly delete users and items with fewer than k rows in `win`; return rows deleted."""
+    deleted = 0
+    while k > 0:
+        (n,) = con.execute(
+            "DELETE FROM win WHERE "
+            f"user_id IN (SELECT user_id FROM win GROUP BY user_id HAVING count(*) < {k}) OR "
+            f"parent_asin IN (SELECT parent_asin FROM win GROUP BY parent_asin HAVING count(*) < {k})"
+        ).fetchone()
+        if n == 0:
+            break
+        deleted += n
+    return deleted
+
+
+def _examples(con: duckdb.DuckDBPyConnection, max_history: int) -> int:
+    """Create `examples` in the global temporal order; return how many."""
+    con.execute(
+        "CREATE OR REPLACE TABLE item_ids AS SELECT parent_asin, "
+        "(row_number() OVER (ORDER BY parent_asin) - 1)::INTEGER AS item_id, "
+        "count(*) AS n_interactions FROM win GROUP BY parent_asin"
+    )
+    history = (
+        f"OVER (PARTITION BY user_id ORDER BY ts, item_id "
+        f"ROWS BETWEEN {int(max_history)} PRECEDING AND 1 PRECEDING)"
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE examples AS
+        WITH seq AS (
+            SELECT w.user_id, i.item_id, w.rating::FLOAT AS rating, w.ts,
+                row_number() OVER (PARTITION BY w.user_id ORDER BY w.ts, i.item_id) AS pos,
+                list(i.item_id ORDER BY w.ts, i.item_id) {history} AS h_items,
+                list(w.rating::FLOAT ORDER BY w.ts, i.item_id) {history} AS h_ratings,
+                list(w.ts ORDER BY w.ts, i.item_id) {history} AS h_ts
+            FROM win w JOIN item_ids i USING (parent_asin)
+        )
+        SELECT (row_number() OVER (ORDER BY ts, user_id, item_id) - 1)::BIGINT AS example_id,
+            user_id, h_items AS history_item_ids, h_ratings AS history_ratings,
+            h_ts AS history_timestamps, item_id AS target_item_id, rating AS target_rating,
+            ts AS target_timestamp
+        FROM seq WHERE pos > 1
+        """
+    )
+    (n,) = con.execute("SELECT count(*) FROM examples").fetchone()
+    return int(n)
+
+
+def _write_parquet(
+    con: duckdb.DuckDBPyConnection, query: str, schema: pa.Schema, dest: Path
+) -> None:
+    """Stream a query's rows into `dest`, cast to the contract schema."""
+    reader = con.execute(query).fetch_record_batch(rows_per_batch=65_536)
+    with pq.ParquetWriter(dest, schema, compression="zstd") as writer:
+        for batch in reader:
+            writer.write_batch(batch.select(schema.names).cast(schema))
+
+
+_ITEMS_QUERY = """
+    SELECT i.item_id, i.parent_asin, v.title,
+        rrec_clean_list(m.description, ' ') AS description,
+        rrec_clean_list(m.features, ' ') AS features,
+        rrec_clean_text(m.store) AS store,
+        rrec_clean_list(m.categories, ' > ') AS categories,
+        rrec_clean_text(m.main_category) AS main_category,
+        v.price, m.average_rating, m.rating_number, i.n_interactions
+    FROM item_ids i
+    JOIN meta_valid v USING (parent_asin)
+    JOIN meta_raw m ON m.rowid = v.line_no
+    ORDER BY i.item_id
+"""
+
+
+def _publish(staging: Path, paths: Paths, stats: dict[str, Any]) -> None:
+    processed = paths.processed
+    if processed.exists():
+        shutil.rmtree(processed)
+    processed.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, processed)
+    paths.window_stats.parent.mkdir(parents=True, exist_ok=True)
+    tmp = paths.window_stats.with_name(paths.window_stats.name + ".tmp")
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, paths.window_stats)
+
+
+def _remove_outputs(paths: Paths) -> None:
+    paths.window_stats.unlink(missing_ok=True)
+    for f in [paths.items_file, *(paths.split_file(s) for s in SPLITS)]:
+        f.unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------- stage
+
+
+def run_window(params: Params, paths: Paths) -> dict[str, Any]:
+    """Run the window stage for `params.data.category`; return the stats also written to
+    `paths.window_stats` (Table 3's columns plus the window, the roll-back and every drop
+    count)."""
+    w = params.data.window
+    category = params.data.category
+    fmt = params.data.interactions
+    inter_path = (
+        paths.rating_only_file(category) if fmt == "rating_only" else paths.reviews_file(category)
+    )
+    meta_path = paths.meta_file(category)
+    for p in (inter_path, meta_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: input of the window stage not found; run the download stage first")
+
+    _remove_outputs(paths)
+    data_dir = paths.root / "data"
+    run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    spill_root = data_dir / ".duckdb_tmp"
+    spill = spill_root / f"window-{run_id}"
+    staging = data_dir / f".window-{run_id}"
+    phase = _Phases()
+    con: duckdb.DuckDBPyConnection | None = None
+    try:
+        spill.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True)
+        con = duckdb.connect(
+            ":memory:",
+            config={
+                "memory_limit": w.memory_limit,
+                "threads": w.threads,
+                "temp_directory": str(spill),
+                # On while reading, so that meta_raw's rowid is the line order ("first valid").
+                "preserve_insertion_order": True,
+            },
+        )
+        con.execute("SET enable_progress_bar = false")
+        clean.register(con)
+        with phase("read interactions and metadata"):
+            counts = _read_both(con, inter_path, fmt, meta_path)
+            con.execute("SET preserve_insertion_order = false")
+        for p, (lines, malformed) in counts.items():
+            _check_malformed(p, lines, malformed, w.max_malformed_share)
+
+        with phase("clean items"):
+            drops = _clean_items(con, w.max_title_words)
+        with phase("choose the window"):
+            start, rolled, n_valid, n_no_meta, reached = _choose_window(con, w, inter_path)
+        drops["no_metadata"] = n_no_meta
+        end_excl = _ms(w.end + dt.timedelta(days=1))
+        with phase("cut the window, drop duplicates"):
+            n_in, n_kept = _cut_window(con, _ms(start), end_excl)
+        drops["outside_window"] = n_valid - n_in
+        drops["duplicate_interactions"] = n_in - n_kept
+        with phase("k-core"):
+            drops["kcore"] = _kcore(con, w.kcore)
+        with phase("examples"):
+            n_examples = _examples(con, w.max_history)
+        if n_examples == 0:
+            raise WindowError(
+                f"{inter_path}: the window {start} .. {w.end} yields no example (no user has "
+                f"two interactions in it after cleaning); move data.window.end or lower "
+                f"data.window.kcore"
+            )
+        sizes = split_sizes(n_examples, w.split)
+        with phase("write examples"):
+            lo = 0
+            for split, size in zip(SPLITS, sizes, strict=True):
+                _write_parquet(
+                    con,
+                    f"SELECT * FROM examples WHERE example_id >= {lo} AND example_id < {lo + size} "
+                    "ORDER BY example_id",
+                    EXAMPLES,
+                    staging / paths.split_file(split).name,
+                )
+                lo += size
+        with phase("write items"):
+            _write_parquet(con, _ITEMS_QUERY, ITEMS, staging / paths.items_file.name)
+
+        users, items, interactions = con.execute(
+            "SELECT count(DISTINCT user_id), count(DISTINCT parent_asin), count(*) FROM win"
+        ).fetchone()
+        stats: dict[str, Any] = {
+            "category": category,
+            "users": int(users),
+            "items": int(items),
+            "interactions": int(interactions),
+            "train": sizes[0],
+            "valid": sizes[1],
+            "test": sizes[2],
+            "examples": n_examples,
+            "window_start": start.isoformat(),
+            "window_end": w.end.isoformat(),
+            "months_rolled_back": rolled,
+            "min_items_reached": reached,
+            "drops": {r: int(drops[r]) for r in DROP_REASONS},
+            "malformed": {p.name: m for p, (_, m) in counts.items()},
+            "lines": {p.name: n for p, (n, _) in counts.items()},
+        }
+        _publish(staging, paths, stats)
+        print(f"[window] done in {phase.total():.2f} s: {users} users, {items} items, "
+              f"{n_examples} examples", flush=True)
+        return stats
+    finally:
+        if con is not None:
+            con.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(spill, ignore_errors=True)
+        try:
+            spill_root.rmdir()
+        except OSError:
+            pass  # another run still spills there, or it was never created
+
+
+__all__ = ["DROP_REASONS", "WindowError", "months_before", "run_window", "split_sizes"]

@@ -1,0 +1,378 @@
+"""The `backbone` stage and the one loader every later stage uses.
+
+`model.backbone: tiny` (the embedded default) builds a small Qwen2-style decoder and
+its tokenizer offline from the catalogue's prompts, pre-trains it briefly, and saves
+both to `paths.backbone` as an ordinary HF model directory (`config.json`,
+`model.safetensors`, `tokenizer.json`, `chat_template.jinja`, ...), plus
+`pretrain_metrics.json`.
+
+Any other value is a Hub id or a local directory. The stage then writes only
+`paths.backbone / "backbone.json"`: the reference, the resolved Hub commit (so later
+stages load exactly the same weights), the ids of the control tokens and the model's
+sizes. Downstream stages call `load_model_and_tokenizer`, which loads that reference
+at that commit and adds the control tokens in the same deterministic way; the weights
+themselves stay in the HF cache (or the local directory) and are not copied.
+
+Control tokens for a foreign backbone: `<answer>` and `</answer>` are added as
+special tokens when missing. Each new embedding row (and output-head row, when the
+head is not tied) starts as the mean of the rows of the tokens the same string
+encoded to before it was added (e.g. `<`, `answer`, `>`), so the two tokens start
+near the model's own reading of their spelling, and differ from each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rrec.config import Params, TinyBackboneParams
+from rrec.model.pretrain import pack, perplexity, pretrain
+from rrec.model.tokenizer import ANSWER, CONTROL_TOKENS, IM_END, control_token_id, train_tokenizer
+from rrec.paths import Paths
+
+TINY = "tiny"
+BACKBONE_JSON = "backbone.json"
+PRETRAIN_METRICS = "pretrain_metrics.json"
+HELDOUT_SHARE = 0.05
+
+Messages = list[dict[str, str]]
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be built or loaded, with what to do about it."""
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """`model.dtype`: "auto" is bfloat16 on a GPU and float32 on a CPU."""
+    if name == "auto":
+        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_gpu else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def read_prompt_messages(path: Path, split_hint: str) -> list[Messages]:
+    """The `messages` column of a prompts Parquet file (rrec/data/schema.py)."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: not found; run the prompts stage first (`dvc repro prompts`) — the tiny "
+            f"backbone is trained on the {split_hint} prompts"
+        )
+    pf = pq.ParquetFile(path)
+    if "messages" not in pf.schema_arrow.names:
+        raise ValueError(
+            f"{path}: no 'messages' column (schema in rrec/data/schema.py); rerun the prompts stage"
+        )
+    rows = pf.read(columns=["messages"]).column("messages").to_pylist()
+    for i, messages in enumerate(rows):
+        if not messages or any(not m.get("role") or m.get("content") is None for m in messages):
+            raise ValueError(
+                f"{path}: row {i} has an empty message list or a message without role/content; "
+                "rerun the prompts stage"
+            )
+    return rows
+
+
+def conversation_ids(
+    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Messages], answer_id: int | None
+) -> list[list[int]]:
+    """Token ids of chat-templated conversations with the generation prompt, optionally
+    followed by `answer_id`. Control tokens that occur inside message text are encoded
+    as plain text (`sanitize_control_tokens`), so data can never produce them."""
+    if not conversations:
+        return []
+    ids = tokenizer.apply_chat_template(
+        list(conversations),
+        add_generation_prompt=True,
+        tokenize=True,
+        sanitize_control_tokens=True,
+        return_dict=False,
+    )
+    if answer_id is not None:
+        ids = [list(x) + [answer_id] for x in ids]
+    return [list(x) for x in ids]
+
+
+# ---------------------------------------------------------------- tiny model
+
+
+def tiny_config(tiny: TinyBackboneParams, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        max_position_embeddings=tiny.max_position,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_model(tiny: TinyBackboneParams, tokenizer: PreTrainedTokenizerBase, seed: int) -> Qwen2ForCausalLM:
+    """A freshly initialised (seeded) Qwen2 decoder sized by `model.tiny`."""
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(tiny_config(tiny, tokenizer))
+    # generation stops at the end of a turn as well as at the end of text
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def split_heldout(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded (train, held-out) split of range(n); the held-out part has >= 1 element."""
+    if n < 2:
+        raise ValueError(f"need at least 2 texts to hold some out for the perplexity, got {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_held = min(n - 1, max(1, round(n * share)))
+    return sorted(perm[n_held:]), sorted(perm[:n_held])
+
+
+def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
+    tiny = params.model.tiny
+    seed_everything(params.seed)
+    items = read_prompt_messages(paths.item_prompts_file, "item")
+    users = read_prompt_messages(paths.user_prompts_file("train"), "train-split user")
+    tokenizer = train_tokenizer(items + users, tiny.vocab_size, tiny.max_position)
+    answer_id = control_token_id(tokenizer, ANSWER)
+
+    docs = conversation_ids(tokenizer, items, answer_id) + conversation_ids(tokenizer, users, None)
+    train_idx, held_idx = split_heldout(len(docs), HELDOUT_SHARE, params.seed)
+    pad_id = int(tokenizer.pad_token_id)
+    eos_id = int(tokenizer.eos_token_id)
+    train_blocks = pack([docs[i] for i in train_idx], tiny.pretrain_seq_len, eos_id, pad_id, [answer_id])
+    held_blocks = pack([docs[i] for i in held_idx], tiny.pretrain_seq_len, eos_id, pad_id, [answer_id])
+
+    model = build_tiny_model(tiny, tokenizer, params.seed)
+    eval_bs = max(tiny.pretrain_batch_size, 1)
+    ppl_before = perplexity(model, held_blocks, eval_bs, desc="held-out perplexity (before)")
+    result = pretrain(
+        model,
+        train_blocks,
+        steps=tiny.pretrain_steps,
+        time_budget_s=tiny.pretrain_time_budget_s,
+        batch_size=tiny.pretrain_batch_size,
+        lr=tiny.pretrain_lr,
+        seed=params.seed,
+    )
+    ppl_after = perplexity(model, held_blocks, eval_bs, desc="held-out perplexity (after)")
+
+    metrics: dict[str, Any] = {
+        "backbone": TINY,
+        "vocab_size": len(tokenizer),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "n_item_texts": len(items),
+        "n_user_texts": len(users),
+        "n_train_texts": len(train_idx),
+        "n_heldout_texts": len(held_idx),
+        "train_tokens": train_blocks.n_tokens,
+        "heldout_tokens": held_blocks.n_tokens,
+        "perplexity_before": ppl_before,
+        "perplexity_after": ppl_after,
+        **result.as_dict(),
+    }
+    _save_dir(paths.backbone, model, tokenizer, metrics)
+    return metrics
+
+
+def _save_dir(
+    out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, metrics: dict[str, Any]
+) -> None:
+    """Write to a sibling directory and swap it in, so a crash never leaves half a backbone."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / PRETRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+# ------------------------------------------------------------ foreign models
+
+
+def _unreachable(ref: str, err: Exception) -> BackboneError:
+    return BackboneError(
+        f"model.backbone: cannot load {ref!r} ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
+        "If this machine is offline, download the model on a connected machine with\n"
+        f"    hf download {ref} --local-dir /path/to/dir\n"
+        "copy the directory here and set `model.backbone: /path/to/dir` in params.yaml; or, with\n"
+        "the model already in the HF cache, set HF_HUB_OFFLINE=1 so nothing is fetched."
+    )
+
+
+def _check_local(ref: str) -> None:
+    """A reference that can only be a path (not an `org/name` Hub id) must exist."""
+    if Path(ref).expanduser().is_dir():
+        return
+    if ref.startswith(("/", ".", "~")) or ref.count("/") > 1:
+        raise BackboneError(
+            f"model.backbone: {ref!r} looks like a local path but is not a directory; point it at a "
+            "directory holding config.json, the weights and the tokenizer files"
+        )
+
+
+def add_control_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Add `<answer>`/`</answer>` when missing; initialise their rows (module docstring).
+
+    Returns the tokens added. The embedding matrix only ever grows: models such as
+    Qwen2.5 ship spare rows beyond the tokenizer's size, which are reused.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in CONTROL_TOKENS if t not in vocab]
+    if not missing:
+        return []
+    spelled = {t: tokenizer.encode(t, add_special_tokens=False) for t in missing}
+    tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    inp = model.get_input_embeddings().weight
+    out_layer = model.get_output_embeddings()
+    out = out_layer.weight if out_layer is not None and out_layer.weight is not inp else None
+    with torch.no_grad():
+        for token in missing:
+            new_id = tokenizer.convert_tokens_to_ids(token)
+            src = torch.tensor(spelled[token], device=inp.device)
+            inp[new_id] = inp[src].mean(dim=0)
+            if out is not None:
+                out[new_id] = out[src].mean(dim=0)
+    return missing
+
+
+def _read_reference(paths: Paths) -> dict[str, Any] | None:
+    path = paths.backbone / BACKBONE_JSON
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _load_foreign(
+    ref: str, revision: str | None, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    _check_local(ref)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(ref, revision=revision, dtype=dtype)
+    except OSError as err:
+        raise _unreachable(ref, err) from err
+    add_control_tokens(model, tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _record_reference(params: Params, paths: Paths) -> dict[str, Any]:
+    """The `backbone` stage for a Hub id or local path: check it loads, pin it, record it."""
+    ref = params.model.backbone
+    _check_local(ref)
+    try:
+        config = AutoConfig.from_pretrained(ref)
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except OSError as err:
+        raise _unreachable(ref, err) from err
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in CONTROL_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    record: dict[str, Any] = {
+        "backbone": ref,
+        "revision": getattr(config, "_commit_hash", None),
+        "local_path": str(Path(ref).expanduser().resolve()) if Path(ref).expanduser().is_dir() else None,
+        "model_type": config.model_type,
+        "hidden_size": int(text_config.hidden_size),
+        "tokenizer_size": len(tokenizer),
+        "added_control_tokens": missing,
+        "control_token_ids": {t: control_token_id(tokenizer, t) for t in CONTROL_TOKENS},
+        "control_token_init": "mean of the embedding rows of the tokens the string encoded to before it was added",
+        "dtype": params.model.dtype,
+    }
+    paths.backbone.mkdir(parents=True, exist_ok=True)
+    (paths.backbone / BACKBONE_JSON).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+# ------------------------------------------------------------------- public
+
+
+def build_backbone(params: Params, paths: Paths) -> dict[str, Any]:
+    """The `backbone` stage. Returns the metrics (tiny) or the recorded reference."""
+    if params.model.backbone == TINY:
+        return _build_tiny(params, paths)
+    return _record_reference(params, paths)
+
+
+def load_model_and_tokenizer(
+    params: Params,
+    paths: Paths,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The backbone of `params`, in eval mode, with its tokenizer; control tokens present.
+
+    dtype: explicit, else `model.dtype` ("auto": bfloat16 on a GPU, float32 on a CPU).
+    """
+    dtype = dtype or resolve_dtype(params.model.dtype, device)
+    ref = params.model.backbone
+    if ref == TINY:
+        directory = paths.backbone
+        if not (directory / "config.json").exists():
+            raise BackboneError(
+                f"{directory}: no tiny backbone there; run the backbone stage first (`dvc repro backbone`)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    else:
+        record = _read_reference(paths)
+        if record is not None and record["backbone"] != ref:
+            raise BackboneError(
+                f"{paths.backbone / BACKBONE_JSON} records backbone {record['backbone']!r} but "
+                f"params say model.backbone: {ref!r}; rerun the backbone stage"
+            )
+        revision = record.get("revision") if record else None
+        model, tokenizer = _load_foreign(ref, revision, dtype)
+        if record is not None:
+            got = {t: control_token_id(tokenizer, t) for t in CONTROL_TOKENS}
+            if got != record["control_token_ids"]:
+                raise BackboneError(
+                    f"{paths.backbone / BACKBONE_JSON}: control token ids {record['control_token_ids']} "
+                    f"differ from the loaded tokenizer's {got}; rerun the backbone stage"
+                )
+    for token in CONTROL_TOKENS:
+        control_token_id(tokenizer, token)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,81 @@
+"""LoRA through peft, from `params.model.lora`; `enabled: false` trains the full model.
+
+What is saved: with LoRA, the adapter (`adapter_config.json` +
+`adapter_model.safetensors`, peft's format); without, the full model weights and
+config (`save_pretrained`). `load_adapter` tells the two apart by those files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from rrec.config import LoraParams
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_config(lora: LoraParams) -> LoraConfig:
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+    )
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraParams) -> PreTrainedModel | PeftModel:
+    """Wrap `model` with a fresh LoRA adapter (only its weights trainable), or, with
+    `lora.enabled: false`, return `model` with every parameter trainable."""
+    if not lora.enabled:
+        model.requires_grad_(True)
+        return model
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    absent = [m for m in lora.target_modules if m not in present]
+    if len(absent) == len(lora.target_modules):
+        raise ValueError(
+            f"model.lora.target_modules {list(lora.target_modules)}: none of these modules exists in "
+            f"{type(model).__name__}; name its linear layers (e.g. q_proj, v_proj for Qwen2/Gemma/Llama)"
+        )
+    return get_peft_model(model, lora_config(lora))
+
+
+def trainable_parameters(model: PreTrainedModel | PeftModel) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_adapter(model: PreTrainedModel | PeftModel, out_dir: Path) -> Path:
+    """Save the adapter (LoRA) or the full weights (no LoRA) to `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_adapter(
+    model: PreTrainedModel, adapter_dir: Path, *, trainable: bool = False
+) -> PreTrainedModel | PeftModel:
+    """Put the weights saved by `save_adapter` onto the base `model`.
+
+    A LoRA directory is attached with peft (trainable or frozen); a full-weights
+    directory is loaded as a model of the same class and dtype, replacing `model`.
+    """
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / ADAPTER_CONFIG).exists():
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    if (adapter_dir / "config.json").exists():
+        loaded = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=model.dtype)
+        loaded.to(model.device)
+        loaded.requires_grad_(trainable)
+        return loaded
+    raise FileNotFoundError(
+        f"{adapter_dir}: neither {ADAPTER_CONFIG} (a LoRA adapter) nor config.json (full weights); "
+        "point it at the output of the train stage"
+    )

@@ -1,0 +1,207 @@
+"""`RecModel`: one causal LM with the two heads of SPEC section 3.
+
+- the language-modelling head is the backbone's own `lm_head`;
+- the recommendation head reads the final-layer hidden state (after the final norm,
+  i.e. `hidden_states[-1]` of the HF output) at the last `<answer>` token of each row
+  and scores it against the item table by cosine similarity over a temperature.
+
+Padding: rows may be padded on either side. Position ids are derived from the
+attention mask, so a padded row gets exactly the positions it would have alone, and
+the hidden state at `<answer>` matches an unpadded forward pass up to float error.
+
+Under DDP call the wrapped module itself (`ddp(ids, mask, output="answer_states")`)
+rather than `.answer_states`, so DDP's forward hooks see the pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rrec.metrics import mask_history
+from rrec.model.tokenizer import ANSWER, END_ANSWER, IM_END, control_token_id
+
+Messages = Sequence[dict[str, str]]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0-based positions counting only attended tokens (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def answer_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_id: int) -> torch.Tensor:
+    """Index of the last attended `answer_id` in each row; an error if a row has none."""
+    hits = (input_ids == answer_id) & attention_mask.bool()
+    if not bool(hits.any(dim=1).all()):
+        bad = (~hits.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"rows {bad} contain no <answer> token (id {answer_id}); build the ids with "
+            "RecModel.item_prompt_ids / user_prompt_ids(answer=True) or append <answer> after the reasoning"
+        )
+    index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return torch.where(hits, index, -1).max(dim=1).values
+
+
+def gather_answer_states(
+    hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_id: int
+) -> torch.Tensor:
+    """hidden [B, T, d] -> [B, d] at each row's last `<answer>`."""
+    pos = answer_positions(input_ids, attention_mask, answer_id)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
+
+
+def score(user_states: torch.Tensor, item_table: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cosine similarity over a temperature: normalize(u) @ normalize(H).T / tau, in float32."""
+    u = F.normalize(user_states.float(), dim=-1)
+    h = F.normalize(item_table.float().to(u.device), dim=-1)
+    return u @ h.T / tau
+
+
+class RecModel(nn.Module):
+    """The causal LM `lm` (possibly a peft model) with the recommendation head."""
+
+    score = staticmethod(score)
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        tau: float = 0.02,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.tau = tau
+        self.max_prompt_tokens = max_prompt_tokens
+        self.answer_token_id = control_token_id(tokenizer, ANSWER)
+        self.end_answer_token_id = control_token_id(tokenizer, END_ANSWER)
+        self.turn_end_token_id = tokenizer.convert_tokens_to_ids(IM_END) if IM_END in tokenizer.get_vocab() else None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        self.pad_token_id = int(pad)
+
+    # ---------------------------------------------------------------- ids
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.lm.get_input_embeddings().weight.shape[1])
+
+    def _truncate(self, ids: list[int], tail_from: int) -> list[int]:
+        """Cut the middle of the prompt body so the template's tail (end of the user turn,
+        assistant header, `<answer>`) survives `max_prompt_tokens`."""
+        limit = self.max_prompt_tokens
+        if limit is None or len(ids) <= limit:
+            return ids
+        tail = ids[tail_from:]
+        if len(tail) >= limit:
+            raise ValueError(
+                f"model.max_prompt_tokens={limit} is too small for the chat template's tail "
+                f"({len(tail)} tokens); raise it"
+            )
+        return ids[: limit - len(tail)] + tail
+
+    def prompt_ids(self, conversations: Sequence[Messages], *, answer: bool) -> list[list[int]]:
+        """Token ids of chat conversations with the generation prompt (the assistant turn
+        opened), then `<answer>` if `answer`. Control tokens inside message text are
+        encoded as text. Too long prompts lose the end of their body, never the tail."""
+        if not conversations:
+            return []
+        rendered = self.tokenizer.apply_chat_template(
+            [list(c) for c in conversations],
+            add_generation_prompt=True,
+            tokenize=True,
+            sanitize_control_tokens=True,
+            return_dict=False,
+        )
+        out: list[list[int]] = []
+        for ids in rendered:
+            ids = list(ids)
+            tail_from = len(ids)
+            if self.turn_end_token_id is not None and self.turn_end_token_id in ids:
+                tail_from = len(ids) - 1 - ids[::-1].index(self.turn_end_token_id)
+            if answer:
+                ids.append(self.answer_token_id)
+            out.append(self._truncate(ids, tail_from))
+        return out
+
+    def item_prompt_ids(self, conversations: Sequence[Messages]) -> list[list[int]]:
+        """Item prompts: the assistant turn pre-filled with `<answer>`."""
+        return self.prompt_ids(conversations, answer=True)
+
+    def user_prompt_ids(self, conversations: Sequence[Messages], *, answer: bool = False) -> list[list[int]]:
+        """User prompts; `answer=True` for the contrastive baseline (no reasoning)."""
+        return self.prompt_ids(conversations, answer=answer)
+
+    def pad(
+        self, sequences: Sequence[Sequence[int]], padding_side: Literal["left", "right"] = "right"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) on the model's device, padded to the longest row."""
+        if not sequences:
+            raise ValueError("no sequences to pad")
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            n = len(seq)
+            cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
+            ids[row, cols] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, cols] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        output: Literal["answer_states", "lm"] = "answer_states",
+        **kwargs: Any,
+    ) -> Any:
+        """`output="answer_states"`: [B, d] at each row's last `<answer>`, computed by the
+        decoder alone (no logits over the vocabulary). `output="lm"`: the causal LM's
+        output with all hidden states, for passes that need both heads."""
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        if output == "lm":
+            return self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=True,
+                **kwargs,
+            )
+        decoder = self.lm.get_decoder()
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        ).last_hidden_state
+        return gather_answer_states(hidden, input_ids, attention_mask, self.answer_token_id)
+
+    def answer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final-layer hidden state at the last `<answer>` of each row: [B, d]."""
+        return self(input_ids, attention_mask, output="answer_states")
+
+    def encode(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Answer states of token-id lists (padded here); gradients as the caller's context."""
+        ids, mask = self.pad(sequences)
+        return self.answer_states(ids, mask)
+
+    # ------------------------------------------------------------ ranking
+
+    def rank_scores(
+        self, user_states: torch.Tensor, item_table: torch.Tensor, history: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores [N, I] at the model's tau, the history items (padded with -1) at -inf."""
+        scores = score(user_states, item_table, self.tau)
+        return mask_history(scores, history.to(scores.device)) if history is not None else scores

@@ -1,0 +1,131 @@
+"""The MLflow model registry: one registered model per category, a champion and a challenger.
+
+Every trained model becomes a new version of `rrec-<category>` and takes the
+`challenger` alias. It takes the `champion` alias only if its run's test NDCG@10 is
+strictly higher than the current champion's; a replaced champion keeps tags saying
+which version replaced it and when.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from rrec.tracking import configure
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+METRIC = "test_ndcg_at_10"
+REPLACED_BY_TAG = "rrec.replaced_by"
+REPLACED_AT_TAG = "rrec.replaced_at"
+
+
+def model_name(category: str) -> str:
+    return f"rrec-{category}"
+
+
+def _client(root: Path | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=configure(root))
+
+
+def register_run_model(
+    run_id: str, artifact_path: str, category: str, root: Path | None = None
+) -> int:
+    """Register the model at `artifact_path` of run `run_id` as a new version of
+    `rrec-<category>`; returns the version number.
+
+    An MLflow model (logged with `log_model(name=artifact_path)`) is registered as such;
+    plain files logged under `artifact_path` (e.g. a LoRA adapter) are registered from
+    the run's artifact location."""
+    client = _client(root)
+    name = model_name(category)
+    files = {Path(f.path).name for f in client.list_artifacts(run_id, artifact_path)}
+    if not files or "MLmodel" in files:
+        # MLflow 3 resolves runs:/ to the logged model of that name when the run's own
+        # artifacts do not hold it, and fails naming the run when there is none.
+        mv = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name)
+        return int(mv.version)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    mv = client.create_model_version(name, source, run_id=run_id)
+    return int(mv.version)
+
+
+def set_alias(name: str, alias: str, version: int | str, root: Path | None = None) -> None:
+    _client(root).set_registered_model_alias(name, alias, str(version))
+
+
+def _version_by_alias(client: MlflowClient, name: str, alias: str) -> int | None:
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:  # no such registered model, or no such alias
+        return None
+
+
+def version_metric(
+    name: str, version: int | str, metric: str = METRIC, root: Path | None = None
+) -> float | None:
+    """The metric's last value on the run behind a model version (None if not logged)."""
+    client = _client(root)
+    mv = client.get_model_version(name, str(version))
+    if not mv.run_id:
+        return None
+    return client.get_run(mv.run_id).data.metrics.get(metric)
+
+
+def champion_version(name: str, root: Path | None = None) -> int | None:
+    return _version_by_alias(_client(root), name, CHAMPION)
+
+
+def champion_metric(name: str, metric: str = METRIC, root: Path | None = None) -> float | None:
+    """The metric of the run behind the `champion` alias; None when there is no champion
+    (or its run never logged the metric)."""
+    version = champion_version(name, root)
+    if version is None:
+        return None
+    return version_metric(name, version, metric, root)
+
+
+def promote_if_better(
+    name: str, version: int | str, metric: str = METRIC, root: Path | None = None
+) -> bool:
+    """Make `version` the challenger, and the champion if its metric strictly beats the
+    champion's (or there is no champion yet). Returns whether it became the champion."""
+    client = _client(root)
+    version = int(version)
+    challenger = version_metric(name, version, metric, root)
+    if challenger is None:
+        raise ValueError(
+            f"model {name} version {version}: its run has no metric {metric!r}, so it cannot "
+            f"be compared with the champion; the evaluate stage logs test metrics onto the "
+            f"training run (run `dvc repro evaluate`)"
+        )
+    current = _version_by_alias(client, name, CHAMPION)
+    if current == version:
+        log.info("%s version %d is already the champion", name, version)
+        return False
+    client.set_registered_model_alias(name, CHALLENGER, str(version))
+    best = None if current is None else version_metric(name, current, metric, root)
+    if current is not None and best is None:
+        log.warning("%s champion version %d has no %s; replacing it", name, current, metric)
+    if best is not None and not challenger > best:
+        log.info("%s: challenger v%d %s=%.6g does not beat champion v%d (%.6g); keeping the champion",
+                 name, version, metric, challenger, current, best)
+        return False
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    if current is not None:
+        client.set_model_version_tag(name, str(current), REPLACED_BY_TAG, str(version))
+        client.set_model_version_tag(
+            name, str(current), REPLACED_AT_TAG, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        )
+    log.info("%s: version %d (%s=%.6g) is the champion now (was %s)",
+             name, version, metric, challenger, current)
+    return True

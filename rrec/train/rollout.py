@@ -1,0 +1,248 @@
+"""Rollout engines: sample reasoning, end it with `<answer>`, read the user state there.
+
+One contract, two engines:
+- `hf` (default, CPU or GPU): `transformers` `generate`, then ONE extra cached
+  decoder step that feeds `<answer>` on top of the generation's KV cache. The user
+  state `h_u` therefore comes out of the same pass that wrote the reasoning; the
+  sequence is never re-encoded.
+- `vllm` (optional `gpu` extra): vLLM samples the tokens and their log-probabilities;
+  vLLM exposes no hidden states, so `h_u` is read by one no-grad forward of the policy
+  over the finished sequence. The policy's weights are pushed to vLLM after every
+  update (`sync_weights`).
+
+A trajectory is `prompt + reasoning + <answer>`. Generation stops at `<answer>` (or
+at the end-of-turn / end-of-text token, or after `max_new_tokens`). When the policy
+itself sampled `<answer>`, that token is part of the trajectory and its log-prob is
+trained (the policy learns when to stop thinking); otherwise `<answer>` is appended
+and not trained. Log-probs are those of the sampling distribution before top-k
+truncation, `log_softmax(logits / temperature)`, the same quantity the update
+recomputes, so the importance ratio starts at 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from rrec.model.wrapper import RecModel, position_ids_from_mask
+
+
+@dataclass
+class Rollout:
+    """G trajectories per prompt, flattened (prompt-major: rows g*... of prompt b are
+    contiguous)."""
+
+    prompt_ids: list[list[int]]
+    reasoning_ids: list[list[int]]  # sampled tokens, including a sampled final <answer>
+    sampled_answer: list[bool]  # did the policy itself emit <answer>?
+    old_logprobs: list[torch.Tensor]  # one value per reasoning token (float32, cpu)
+    user_states: torch.Tensor  # [N, d] at the final <answer>, no grad
+
+    @property
+    def lengths(self) -> list[int]:
+        """Reasoning length in tokens (without the control token)."""
+        return [len(r) - int(a) for r, a in zip(self.reasoning_ids, self.sampled_answer, strict=True)]
+
+    def sequences(self, answer_id: int) -> list[list[int]]:
+        """Full token ids of each trajectory, ending with exactly one final <answer>."""
+        out = []
+        for p, r, a in zip(self.prompt_ids, self.reasoning_ids, self.sampled_answer, strict=True):
+            out.append(list(p) + list(r) + ([] if a else [answer_id]))
+        return out
+
+
+class RolloutEngine(Protocol):
+    def generate(
+        self, model: RecModel, prompts: Sequence[Sequence[int]], *, group_size: int, greedy: bool
+    ) -> Rollout: ...
+
+    def sync_weights(self, model: RecModel) -> None: ...
+
+
+def _stop_ids(model: RecModel) -> list[int]:
+    ids = {model.answer_token_id}
+    for tok in (model.turn_end_token_id, model.tokenizer.eos_token_id):
+        if tok is not None:
+            ids.add(int(tok))
+    return sorted(ids)
+
+
+class HFEngine:
+    """`generate` + one cached `<answer>` step."""
+
+    def __init__(self, temperature: float, top_k: int, max_new_tokens: int, batch_size: int = 64) -> None:
+        self.temperature = temperature
+        self.top_k = top_k
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    def sync_weights(self, model: RecModel) -> None:
+        """The HF engine samples from the policy object itself: nothing to copy."""
+
+    @torch.no_grad()
+    def generate(
+        self, model: RecModel, prompts: Sequence[Sequence[int]], *, group_size: int = 1, greedy: bool = False
+    ) -> Rollout:
+        expanded = [list(p) for p in prompts for _ in range(group_size)]
+        parts = [
+            self._generate_batch(model, expanded[i : i + self.batch_size], greedy)
+            for i in range(0, len(expanded), self.batch_size)
+        ]
+        return Rollout(
+            prompt_ids=expanded,
+            reasoning_ids=[r for p in parts for r in p.reasoning_ids],
+            sampled_answer=[a for p in parts for a in p.sampled_answer],
+            old_logprobs=[lp for p in parts for lp in p.old_logprobs],
+            user_states=torch.cat([p.user_states for p in parts]),
+        )
+
+    def _generate_batch(self, model: RecModel, prompts: list[list[int]], greedy: bool) -> Rollout:
+        lm = model.lm
+        was_training = lm.training
+        lm.eval()
+        try:
+            ids, mask = model.pad(prompts, padding_side="left")
+            temperature = 1.0 if greedy else self.temperature
+            sampling: dict[str, Any] = (
+                {"do_sample": False}
+                if greedy
+                else {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k or None, "top_p": 1.0}
+            )
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=_stop_ids(model),
+                pad_token_id=model.pad_token_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+                use_cache=True,
+                **sampling,
+            )
+            return self._finish(model, ids, mask, out, temperature)
+        finally:
+            lm.train(was_training)
+
+    def _finish(self, model: RecModel, ids: torch.Tensor, mask: torch.Tensor, out: Any, temperature: float) -> Rollout:
+        n, prompt_len = ids.shape
+        generated = out.sequences[:, prompt_len:]
+        steps = generated.shape[1]
+        stop = torch.tensor(_stop_ids(model), device=generated.device)
+        is_stop = torch.isin(generated, stop)
+        any_stop = is_stop.any(dim=1)
+        first_stop = torch.where(any_stop, is_stop.float().argmax(dim=1), torch.full_like(any_stop, steps, dtype=torch.long))
+        stop_token = generated.gather(1, first_stop.clamp(max=max(steps - 1, 0)).unsqueeze(1)).squeeze(1)
+        sampled_answer = any_stop & (stop_token == model.answer_token_id)
+
+        logits = torch.stack(out.logits, dim=1).float()
+        token_lp = torch.log_softmax(logits / temperature, dim=-1).gather(2, generated.unsqueeze(2)).squeeze(2)
+
+        reasoning, sampled, old_lp = [], [], []
+        for row in range(n):
+            keep = int(first_stop[row]) + int(sampled_answer[row])
+            reasoning.append(generated[row, :keep].tolist())
+            sampled.append(bool(sampled_answer[row]))
+            old_lp.append(token_lp[row, :keep].cpu())
+
+        states = self._answer_step(model, mask, generated, first_stop, out.past_key_values)
+        return Rollout(
+            prompt_ids=[], reasoning_ids=reasoning, sampled_answer=sampled, old_logprobs=old_lp, user_states=states
+        )
+
+    @staticmethod
+    def _answer_step(
+        model: RecModel, mask: torch.Tensor, generated: torch.Tensor, n_reason: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        """Feed `<answer>` on top of the generation cache; return its hidden state.
+
+        The cache holds every fed token: the prompt and all generated tokens but the
+        last one. A row whose reasoning used all `steps` tokens still needs its last
+        token fed, so two tokens go in: [last generated token or pad, <answer>]."""
+        n, steps = generated.shape
+        if steps == 0 or cache is None:
+            raise RuntimeError("generation returned no steps or no KV cache; max_new_tokens must be >= 1")
+        device = generated.device
+        cols = torch.arange(steps, device=device).unsqueeze(0)
+        reason_mask = (cols < n_reason.unsqueeze(1)).long()
+        full_row = n_reason == steps  # its last reasoning token is not in the cache yet
+        cached_reason = reason_mask[:, : steps - 1]
+        last_tok = torch.where(full_row, generated[:, -1], torch.full_like(generated[:, -1], model.pad_token_id))
+        new_tokens = torch.stack([last_tok, torch.full_like(last_tok, model.answer_token_id)], dim=1)
+        new_mask = torch.stack([full_row.long(), torch.ones_like(last_tok)], dim=1)
+        attn = torch.cat([mask, cached_reason, new_mask], dim=1)
+        positions = position_ids_from_mask(attn)[:, -2:]
+        decoder = model.lm.get_decoder()
+        hidden = decoder(
+            input_ids=new_tokens,
+            attention_mask=attn,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        return hidden[:, -1].float().cpu()
+
+
+class VLLMEngine:
+    """vLLM sampling for GPU training (the `gpu` extra). Not exercised on CPU."""
+
+    def __init__(self, model_ref: str, temperature: float, top_k: int, max_new_tokens: int, **llm_kwargs: Any) -> None:
+        try:
+            import vllm
+        except ImportError as err:
+            raise RuntimeError(
+                "train.rollout.engine: vllm needs the optional GPU extra (pip install -e '.[gpu]') "
+                "on a machine with a CUDA GPU; use engine: hf otherwise"
+            ) from err
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=model_ref, enable_prefix_caching=True, **llm_kwargs)
+        self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens
+
+    def sync_weights(self, model: RecModel) -> None:
+        """Push the policy's current (LoRA-merged) weights into the vLLM engine."""
+        lm = model.lm
+        state = lm.merge_and_unload().state_dict() if hasattr(lm, "merge_and_unload") else lm.state_dict()
+        weights = list(state.items())
+        self.llm.collective_rpc("load_weights", kwargs={"weights": weights})  # pragma: no cover
+
+    @torch.no_grad()
+    def generate(
+        self, model: RecModel, prompts: Sequence[Sequence[int]], *, group_size: int = 1, greedy: bool = False
+    ) -> Rollout:  # pragma: no cover - needs a GPU
+        sp = self._vllm.SamplingParams(
+            n=group_size,
+            temperature=0.0 if greedy else self.temperature,
+            top_k=-1 if greedy or not self.top_k else self.top_k,
+            max_tokens=self.max_new_tokens,
+            stop_token_ids=_stop_ids(model),
+            logprobs=0,
+        )
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp)
+        prompt_ids, reasoning, sampled, old_lp = [], [], [], []
+        for p, o in zip(prompts, outs, strict=True):
+            for c in o.outputs:
+                toks = list(c.token_ids)
+                lps = [next(iter(d.values())).logprob for d in c.logprobs]
+                ans = bool(toks) and toks[-1] == model.answer_token_id
+                if toks and not ans and toks[-1] in _stop_ids(model):
+                    toks, lps = toks[:-1], lps[:-1]
+                prompt_ids.append(list(p))
+                reasoning.append(toks)
+                sampled.append(ans)
+                old_lp.append(torch.tensor(lps, dtype=torch.float32))
+        roll = Rollout(prompt_ids, reasoning, sampled, old_lp, torch.empty(0))
+        states = [model.encode(roll.sequences(model.answer_token_id)[i : i + 32]).float().cpu() for i in range(0, len(reasoning), 32)]
+        roll.user_states = torch.cat(states)
+        return roll
+
+
+def make_engine(engine: str, *, temperature: float, top_k: int, max_new_tokens: int, model_ref: str | None = None, batch_size: int = 64) -> RolloutEngine:
+    if engine == "hf":
+        return HFEngine(temperature, top_k, max_new_tokens, batch_size=batch_size)
+    if engine == "vllm":
+        if model_ref is None:
+            raise ValueError("the vllm engine needs the backbone reference (a Hub id or a local path)")
+        return VLLMEngine(model_ref, temperature, top_k, max_new_tokens)
+    raise ValueError(f"train.rollout.engine: unknown engine {engine!r} (hf or vllm)")

@@ -1,0 +1,73 @@
+import torch
+
+from rrec.train.rollout import HFEngine, make_engine
+from tests.tiny import conversations, tiny_recmodel
+
+
+def _prompts(model, n=3):
+    return model.user_prompt_ids(conversations(n, seed=5))
+
+
+def test_answer_state_from_rollout_equals_full_forward():
+    torch.manual_seed(0)
+    model = tiny_recmodel()
+    engine = HFEngine(temperature=1.5, top_k=50, max_new_tokens=6)
+    roll = engine.generate(model, _prompts(model), group_size=2)
+    assert len(roll.reasoning_ids) == 6 and roll.user_states.shape == (6, model.hidden_size)
+    seqs = roll.sequences(model.answer_token_id)
+    for row, seq in enumerate(seqs):
+        assert seq[-1] == model.answer_token_id
+        assert seq.count(model.answer_token_id) == 1
+        with torch.no_grad():
+            full = model.encode([seq])[0]
+        torch.testing.assert_close(roll.user_states[row], full.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_logprobs_match_a_full_forward_at_temperature():
+    torch.manual_seed(1)
+    model = tiny_recmodel()
+    t = 1.5
+    roll = HFEngine(temperature=t, top_k=0, max_new_tokens=5).generate(model, _prompts(model, 2), group_size=2)
+    for row, seq in enumerate(roll.sequences(model.answer_token_id)):
+        p = len(roll.prompt_ids[row])
+        k = len(roll.reasoning_ids[row])
+        ids = torch.tensor([seq])
+        with torch.no_grad():
+            logits = model.lm(input_ids=ids).logits[0].float()
+        lp = torch.log_softmax(logits / t, dim=-1)
+        expected = lp[p - 1 : p - 1 + k].gather(1, ids[0, p : p + k].unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(roll.old_logprobs[row], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_stopping_early_and_left_padding():
+    # prompts of very different lengths: left padding, and some rows stop at <answer>
+    torch.manual_seed(2)
+    model = tiny_recmodel()
+    # make <answer> likely so that some rows stop before max_new_tokens
+    with torch.no_grad():
+        model.lm.lm_head.weight[model.answer_token_id] *= 0
+        model.lm.lm_head.weight[model.answer_token_id] += model.lm.lm_head.weight.mean(0)
+    prompts = [p[: 5 + 7 * i] for i, p in enumerate(_prompts(model, 4))]
+    roll = HFEngine(temperature=3.0, top_k=0, max_new_tokens=8).generate(model, prompts, group_size=3)
+    for row, seq in enumerate(roll.sequences(model.answer_token_id)):
+        with torch.no_grad():
+            full = model.encode([seq])[0]
+        torch.testing.assert_close(roll.user_states[row], full.float(), atol=1e-4, rtol=1e-4)
+        assert len(roll.old_logprobs[row]) == len(roll.reasoning_ids[row])
+    assert min(roll.lengths) < 8
+
+
+def test_greedy_is_deterministic_and_vllm_needs_extra():
+    model = tiny_recmodel()
+    engine = HFEngine(temperature=1.5, top_k=10, max_new_tokens=5)
+    a = engine.generate(model, _prompts(model, 2), greedy=True)
+    b = engine.generate(model, _prompts(model, 2), greedy=True)
+    assert a.reasoning_ids == b.reasoning_ids
+    torch.testing.assert_close(a.user_states, b.user_states)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        import pytest
+
+        with pytest.raises(RuntimeError, match=r"\.\[gpu\]"):
+            make_engine("vllm", temperature=1.0, top_k=1, max_new_tokens=1, model_ref="x")
