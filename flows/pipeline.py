@@ -35,10 +35,9 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 import typer
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -64,14 +63,38 @@ class CommandResult:
 
 
 def dvc_stages(root: str | Path = ".") -> list[str]:
-    """The stage names of `<root>/dvc.yaml`, in the order the file lists them."""
-    path = Path(root) / "dvc.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no dvc.yaml here; pass the project root as `root`")
-    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
-    if not isinstance(stages, dict) or not stages:
-        raise ValueError(f"{path}: has no `stages:` mapping")
-    return list(stages)
+    """The pipeline's stage names as DVC addresses them (a `foreach` stage gives one per
+    item, e.g. `train@recpo`), in `dvc.yaml` order wherever that order already runs every
+    stage after the stages it depends on (a topological order otherwise)."""
+    import networkx as nx
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    try:
+        repo = Repo(str(root))
+    except NotDvcRepoError:
+        raise FileNotFoundError(
+            f"{Path(root).resolve()}: not a DVC project (no .dvc/); pass the project root "
+            f"as `root`, or run `dvc init` there"
+        ) from None
+    with repo:
+        stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+        if not stages:
+            raise ValueError(f"{Path(root).resolve()}: dvc.yaml defines no stages")
+        top = (Path(repo.root_dir) / "dvc.yaml").resolve()
+
+        def address(stage: PipelineStage) -> str:  # relative to `root`, where dvc runs
+            file = Path(stage.dvcfile.path).resolve()
+            return stage.name if file == top else f"{file.relative_to(repo.root_dir)}:{stage.name}"
+
+        names = {id(s): address(s) for s in stages}
+        position = {id(s): i for i, s in enumerate(stages)}
+        # DVC's graph points from a stage to the stages it depends on.
+        ordered = nx.lexicographical_topological_sort(
+            repo.index.graph.reverse(copy=True), key=lambda s: position.get(id(s), len(position))
+        )
+        return [names[id(s)] for s in ordered if id(s) in names]
 
 
 def dvc_command() -> list[str]:
@@ -173,7 +196,7 @@ def run_dvc(args: Sequence[str], root: Path) -> CommandResult:
     logger = get_run_logger()
     cmd = [*dvc_command(), *args]
     shown = "dvc " + " ".join(args)
-    logger.info("running `%s` in %s", shown, root)
+    logger.info("running `%s` in %s", shown, root.resolve())
 
     def log_line(stream: str, text: str) -> None:
         (logger.warning if stream == "stderr" and "ERROR" in text else logger.info)(text)
@@ -184,7 +207,7 @@ def run_dvc(args: Sequence[str], root: Path) -> CommandResult:
         body = "\n".join(f"  {line}" for line in tail) or "  (no output)"
         raise StageFailed(
             f"`{shown}` exited with status {result.returncode} in {root.resolve()}. "
-            f"Last lines of its stderr:\n{body}\n"
+            f"Last lines of its {'stderr' if result.stderr_tail else 'output'}:\n{body}\n"
             f"Fix the cause and run again: stages that finished are skipped."
         )
     return result
@@ -198,15 +221,18 @@ def repro_stage(stage: str, root: str) -> str:
 
 
 def _select(stages: Sequence[str] | None, root: str) -> list[str]:
+    """`stages` (names, or a `foreach` stage's group name such as `train`) in run order."""
     known = dvc_stages(root)
     if stages is None:
         return known
-    unknown = [s for s in stages if s not in known]
+    groups = {name.split("@", 1)[0] for name in known}
+    unknown = [s for s in stages if s not in known and s not in groups]
     if unknown:
         raise ValueError(
             f"{Path(root) / 'dvc.yaml'} has no stage(s) {unknown}; choose from {known}"
         )
-    return [s for s in known if s in set(stages)]
+    wanted = set(stages)
+    return [s for s in known if s in wanted or s.split("@", 1)[0] in wanted]
 
 
 @flow(name="pipeline")
@@ -218,7 +244,8 @@ def pipeline_flow(
 ) -> dict[str, str]:
     """Reproduce the pipeline stage by stage, in `dvc.yaml` order; returns stage -> "ran"/"skipped".
 
-    `stages` limits the run to those stages (still in `dvc.yaml` order). A stage whose
+    `stages` limits the run to those stages (still in `dvc.yaml` order; `train` selects
+    every `train@<method>`). A stage whose
     deps, params and outs match `dvc.lock` is skipped by DVC itself, so running this flow
     again after a failure resumes at the failed stage. Only `download` is retried
     (`download_retries` times, `retry_delay_s` apart): its failures are mostly transient
@@ -327,8 +354,17 @@ def repro_with_server(dvc_args: Sequence[str] = (), root: str | Path = ".") -> i
     server (started here unless `PREFECT_API_URL` is set); returns DVC's exit status."""
     with prefect_server() as api_url:
         env = {**os.environ, "PREFECT_API_URL": api_url}
-        cmd = [*dvc_command(), "repro", *dvc_args]
-        return subprocess.run(cmd, cwd=Path(root), env=env, check=False).returncode
+        proc = subprocess.Popen([*dvc_command(), "repro", *dvc_args], cwd=Path(root), env=env)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached DVC too: let it stop its stage and release its lock
+            # before the server goes away.
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                stop_process(proc)
+            raise
 
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
@@ -336,7 +372,9 @@ app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
 
 @app.command("run")
 def run_cmd(
-    stage: list[str] | None = typer.Option(None, "--stage", "-s", help="only these stages (repeatable)"),
+    stage: Annotated[
+        list[str] | None, typer.Option("--stage", "-s", help="only these stages (repeatable)")
+    ] = None,
     root: str = typer.Option(".", help="project root holding dvc.yaml"),
 ) -> None:
     """Run `pipeline_flow`: one Prefect task per stage."""

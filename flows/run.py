@@ -16,14 +16,21 @@ def main(
     stage: str = typer.Argument(..., help="download, window, prompts, backbone, items, train, evaluate, baselines or report"),
     params: str = typer.Option("params.yaml", help="parameter file, relative to --root"),
     root: str = typer.Option(".", help="project root holding data/, models/, reports/"),
+    method: str = typer.Option(None, help="train/evaluate: the method (contrastive or recpo)"),
 ) -> None:
     from flows.stages import STAGE_FLOWS
 
     if stage not in STAGE_FLOWS:
         typer.echo(f"unknown stage {stage!r}; choose one of: {', '.join(STAGE_FLOWS)}", err=True)
         raise typer.Exit(2)
+    kwargs = {"params_path": params, "root": root}
+    if stage in ("train", "evaluate"):
+        if method is None:
+            typer.echo(f"stage {stage} needs --method contrastive|recpo", err=True)
+            raise typer.Exit(2)
+        kwargs["method"] = method
     try:
-        STAGE_FLOWS[stage](params_path=params, root=root)
+        STAGE_FLOWS[stage](**kwargs)
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None

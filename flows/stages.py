@@ -86,20 +86,20 @@ def items_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str, A
     return _jsonable(run_items(params, paths))
 
 
-@flow(name="train")
-def train_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str, Any]:
+@flow(name="train", flow_run_name="train-{method}")
+def train_flow(method: str, params_path: str = "params.yaml", root: str = ".") -> dict[str, Any]:
     from rrec.train.run import run_train
 
     params, paths = _load(params_path, root)
-    return _jsonable(run_train(params, paths))
+    return _jsonable(run_train(params, paths, method))
 
 
-@flow(name="evaluate")
-def evaluate_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str, Any]:
+@flow(name="evaluate", flow_run_name="evaluate-{method}")
+def evaluate_flow(method: str, params_path: str = "params.yaml", root: str = ".") -> dict[str, Any]:
     from rrec.evaluate import run_evaluate
 
     params, paths = _load(params_path, root)
-    return _jsonable(run_evaluate(params, paths))
+    return _jsonable(run_evaluate(params, paths, method))
 
 
 @flow(name="baselines")

@@ -124,7 +124,7 @@ class TinyBackboneParams(_Strict):
     max_position: int = Field(2048, ge=64)
     pretrain_steps: int = Field(400, ge=0)
     pretrain_time_budget_s: float = Field(240.0, gt=0)
-    pretrain_batch_size: int = Field(16, ge=1)
+    pretrain_batch_size: int = Field(8, ge=1)
     pretrain_seq_len: int = Field(256, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0)
 
@@ -189,7 +189,9 @@ class RecPOParams(_Strict):
 
 
 class TrainParams(_Strict):
-    method: Literal["recpo", "contrastive"] = "contrastive"
+    # the methods `dvc repro` trains and evaluates, one `train@<method>` stage each;
+    # "contrastive" is the paper's "w/o reasoning" row
+    methods: list[Literal["recpo", "contrastive"]] = ["contrastive", "recpo"]
     seed: int = 0
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -203,8 +205,16 @@ class TrainParams(_Strict):
     patience: int = Field(3, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(25, ge=1)
+    eval_samples: int = Field(8, ge=0)
     rollout: RolloutParams = RolloutParams()
     recpo: RecPOParams = RecPOParams()
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"methods must be a non-empty list without repeats (got {v})")
+        return v
 
 
 # ----------------------------------------------------------------------- evaluate
@@ -253,10 +263,13 @@ class BaselinesParams(_Strict):
     seed: int = 0
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(3, ge=1)
     time_budget_s: float = Field(60.0, gt=0)
+    # CPU intra-op threads while training (0 keeps torch's default); these models are
+    # small, and two spinning threads on a busy 2-core machine run ~10x slower than one
+    threads: int = Field(1, ge=0)
     sasrec: SASRecParams = SASRecParams()
     gru4rec: GRU4RecParams = GRU4RecParams()
     caser: CaserParams = CaserParams()

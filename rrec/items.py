@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rrec.config import Params
-from rrec.model.backbone import TINY, load_model_and_tokenizer
+from rrec.model.backbone import load_model_and_tokenizer
 from rrec.model.lora import load_adapter
 from rrec.model.wrapper import RecModel
 from rrec.paths import Paths
@@ -91,7 +92,9 @@ def save_item_table(
 def read_index(directory: Path) -> dict[str, Any]:
     path = Path(directory) / INDEX_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no item table index; run the items stage first (`dvc repro items`)")
+        raise FileNotFoundError(
+            f"{path}: no item table index; run the items stage first (`dvc repro items`)"
+        )
     return json.loads(path.read_text())
 
 
@@ -101,7 +104,9 @@ def load_item_table(directory: Path, device: torch.device | str | None = None) -
     index = read_index(directory)
     path = directory / TABLE_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing although {INDEX_FILE} exists; rerun the items stage")
+        raise FileNotFoundError(
+            f"{path}: missing although {INDEX_FILE} exists; rerun the items stage"
+        )
     table = load_file(str(path))[TENSOR]
     if tuple(table.shape) != (index["n_items"], index["dim"]):
         raise ValueError(
@@ -111,7 +116,9 @@ def load_item_table(directory: Path, device: torch.device | str | None = None) -
     return table.to(device) if device is not None else table
 
 
-def update_rows(table: torch.Tensor, item_ids: Sequence[int] | torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def update_rows(
+    table: torch.Tensor, item_ids: Sequence[int] | torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
     """Replace rows `item_ids` of `table` in place with `rows` (detached); returns `table`.
 
     Adding an item is appending a row (`torch.cat`), deleting one is dropping it; this
@@ -124,7 +131,9 @@ def update_rows(table: torch.Tensor, item_ids: Sequence[int] | torch.Tensor, row
             f"rows must be [{ids.numel()}, {table.shape[1]}] (one per item id), got {tuple(rows.shape)}"
         )
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
-        raise ValueError(f"item ids must lie in [0, {table.shape[0]}), got {ids.min()}..{ids.max()}")
+        raise ValueError(
+            f"item ids must lie in [0, {table.shape[0]}), got {ids.min()}..{ids.max()}"
+        )
     with torch.no_grad():
         table[ids] = rows.detach().to(device=table.device, dtype=table.dtype)
     return table
@@ -138,12 +147,34 @@ def length_order(prompts: Sequence[Sequence[int]]) -> list[int]:
     return sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
 
 
+@torch.no_grad()
+def weights_signature(module: torch.nn.Module) -> str:
+    """A digest of every parameter's sum and sum of squares (float64): any training
+    update changes it. One pass over the weights, cheap next to encoding the items."""
+    stats = [
+        torch.stack([p.double().sum(), p.double().square().sum()]) for p in module.parameters()
+    ]
+    if not stats:
+        return "no-parameters"
+    return hashlib.sha256(torch.stack(stats).cpu().numpy().tobytes()).hexdigest()
+
+
 def fingerprint(
-    prompts: Sequence[Sequence[int]], chunk_size: int, batch_size: int, meta: Mapping[str, Any]
+    prompts: Sequence[Sequence[int]],
+    chunk_size: int,
+    batch_size: int,
+    meta: Mapping[str, Any],
+    weights: str = "",
 ) -> str:
-    """What makes two encodings the same: prompts, batching and `meta` (weights etc.)."""
+    """What makes two encodings the same: prompts, batching, `meta` and the weights."""
     h = hashlib.sha256()
-    h.update(json.dumps({"chunk": chunk_size, "batch": batch_size, "meta": dict(meta)}, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {"chunk": chunk_size, "batch": batch_size, "meta": dict(meta), "weights": weights},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     for ids in prompts:
         h.update(np.asarray(ids, dtype=np.int64).tobytes())
         h.update(b"|")
@@ -166,7 +197,8 @@ def _prepare_chunks(chunks: Path, fp: str, n_items: int, n_chunks: int) -> None:
                 stale.unlink(missing_ok=True)
     chunks.mkdir(parents=True, exist_ok=True)
     _atomic_text(
-        json.dumps({"fingerprint": fp, "n_items": n_items, "n_chunks": n_chunks}, indent=2) + "\n", manifest
+        json.dumps({"fingerprint": fp, "n_items": n_items, "n_chunks": n_chunks}, indent=2) + "\n",
+        manifest,
     )
 
 
@@ -176,13 +208,17 @@ def _concatenate(chunks: Path, n_chunks: int, n_items: int, dim: int) -> torch.T
     for c in tqdm(range(n_chunks), desc="concatenate chunks", unit="chunk", leave=False):
         path = _chunk_path(chunks, c)
         if not path.exists():
-            raise RuntimeError(f"{path}: chunk missing after every process finished; rerun the items stage")
+            raise RuntimeError(
+                f"{path}: chunk missing after every process finished; rerun the items stage"
+            )
         part = load_file(str(path))
         ids = part["item_ids"]
         table[ids] = part[TENSOR]
         seen[ids] = True
     if not bool(seen.all()):
-        raise RuntimeError(f"{chunks}: {int((~seen).sum())} items have no row; rerun the items stage")
+        raise RuntimeError(
+            f"{chunks}: {int((~seen).sum())} items have no row; rerun the items stage"
+        )
     return table
 
 
@@ -205,7 +241,9 @@ def encode_items(
     called after chunk `c` is safely on disk. Every process of `state` must call this.
     """
     if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"items.batch_size and items.chunk_size must be >= 1, got {batch_size}, {chunk_size}")
+        raise ValueError(
+            f"items.batch_size and items.chunk_size must be >= 1, got {batch_size}, {chunk_size}"
+        )
     n = len(prompts)
     if n == 0:
         raise ValueError("no item prompts to encode")
@@ -213,10 +251,16 @@ def encode_items(
     meta = dict(meta or {})
     out_dir = Path(out_dir)
     chunks = out_dir / CHUNKS_DIR
-    fp = fingerprint(prompts, chunk_size, batch_size, meta)
+    fp = fingerprint(prompts, chunk_size, batch_size, meta, weights_signature(rec))
+    if state.num_processes > 1:  # every process must take the same decisions below
+        fp = broadcast_object_list([fp])[0]
 
     table_path = out_dir / TABLE_FILE
-    if table_path.exists() and (out_dir / INDEX_FILE).exists() and read_index(out_dir).get("fingerprint") == fp:
+    if (
+        table_path.exists()
+        and (out_dir / INDEX_FILE).exists()
+        and read_index(out_dir).get("fingerprint") == fp
+    ):
         return load_item_table(out_dir)  # this exact table is already there
 
     order = length_order(prompts)
@@ -226,16 +270,23 @@ def encode_items(
     state.wait_for_everyone()
 
     mine = [
-        c for c in range(n_chunks)
+        c
+        for c in range(n_chunks)
         if c % state.num_processes == state.process_index and not _chunk_path(chunks, c).exists()
     ]
     total = sum(len(order[c * chunk_size : (c + 1) * chunk_size]) for c in mine)
     was_training = rec.training
     rec.eval()
     try:
-        with torch.no_grad(), tqdm(
-            total=total, desc="encode items", unit="item", disable=not state.is_local_main_process
-        ) as bar:
+        with (
+            torch.no_grad(),
+            tqdm(
+                total=total,
+                desc="encode items",
+                unit="item",
+                disable=not state.is_local_main_process,
+            ) as bar,
+        ):
             for c in mine:
                 ids = order[c * chunk_size : (c + 1) * chunk_size]
                 parts = []
@@ -255,7 +306,13 @@ def encode_items(
     state.wait_for_everyone()
     if state.is_main_process:
         table = _concatenate(chunks, n_chunks, n, rec.hidden_size)
-        save_item_table(table, out_dir, backbone=meta.get("backbone"), adapter=meta.get("adapter"), fingerprint=fp)
+        save_item_table(
+            table,
+            out_dir,
+            backbone=meta.get("backbone"),
+            adapter=meta.get("adapter"),
+            fingerprint=fp,
+        )
         shutil.rmtree(chunks)
     state.wait_for_everyone()
     return load_item_table(out_dir)
@@ -267,7 +324,9 @@ def encode_items(
 def read_item_prompts(path: Path) -> list[list[dict[str, str]]]:
     """Item prompt messages ordered by item_id, which must be exactly 0..n-1."""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; run the prompts stage first (`dvc repro prompts`)")
+        raise FileNotFoundError(
+            f"{path}: not found; run the prompts stage first (`dvc repro prompts`)"
+        )
     table = pq.read_table(path, columns=["item_id", "messages"])
     ids = np.asarray(table.column("item_id").to_numpy(zero_copy_only=False), dtype=np.int64)
     order = np.argsort(ids, kind="stable")
@@ -280,35 +339,11 @@ def read_item_prompts(path: Path) -> list[list[dict[str, str]]]:
     return [messages[i] for i in order]
 
 
-def weights_digest(files: Iterable[Path], content_limit: int = 256 << 20) -> str:
-    """A digest of weight files: their bytes, or size and mtime for files above `content_limit`."""
-    h = hashlib.sha256()
-    for f in sorted(Path(p) for p in files):
-        h.update(f.name.encode())
-        st = f.stat()
-        if st.st_size > content_limit:
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-            continue
-        with f.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _weights_meta(params: Params, paths: Paths, adapter_dir: Path | None) -> dict[str, Any]:
-    files: list[Path] = []
-    if params.model.backbone == TINY:
-        files += list(paths.backbone.glob("*.safetensors"))
-    elif (paths.backbone / "backbone.json").exists():
-        files.append(paths.backbone / "backbone.json")
-    if adapter_dir is not None:
-        files += [p for p in Path(adapter_dir).glob("*") if p.suffix in (".safetensors", ".json")]
+def _stage_meta(params: Params, adapter_dir: Path | None) -> dict[str, Any]:
     return {
         "backbone": params.model.backbone,
         "adapter": str(adapter_dir) if adapter_dir is not None else None,
-        "weights": weights_digest(files),
         "dtype": params.model.dtype,
-        "max_prompt_tokens": params.model.max_prompt_tokens,
     }
 
 
@@ -323,7 +358,9 @@ def run_items(
     if adapter_dir is not None:
         model = load_adapter(model, Path(adapter_dir)).to(state.device)
     model.eval()
-    rec = RecModel(model, tokenizer, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
+    rec = RecModel(
+        model, tokenizer, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens
+    )
     prompts = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
     start = time.monotonic()
     table = encode_items(
@@ -332,7 +369,7 @@ def run_items(
         out_dir,
         batch_size=params.items.batch_size,
         chunk_size=params.items.chunk_size,
-        meta=_weights_meta(params, paths, Path(adapter_dir) if adapter_dir is not None else None),
+        meta=_stage_meta(params, Path(adapter_dir) if adapter_dir is not None else None),
         state=state,
     )
     seconds = time.monotonic() - start

@@ -61,14 +61,20 @@ class Paths:
     def item_table(self) -> Path:
         return self.root / "models" / "item_table"
 
-    @property
-    def trained(self) -> Path:
-        """The trained policy: LoRA adapter, tokenizer and its item table."""
-        return self.root / "models" / "trained"
+    def trained(self, method: str) -> Path:
+        """A trained policy: LoRA adapter, tokenizer, its item table, train summary."""
+        return self.root / "models" / "trained" / method
+
+    def checkpoints(self, method: str) -> Path:
+        return self.root / "checkpoints" / method
+
+    def eval_report(self, method: str) -> Path:
+        """Curves and metrics of one method (`reports/eval/<method>/`)."""
+        return self.reports / "eval" / method
 
     @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+    def baselines_report(self) -> Path:
+        return self.reports / "eval" / "baselines.json"
 
     @property
     def baselines(self) -> Path:

@@ -12,10 +12,10 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from rrec.tracking import configure
 
 log = logging.getLogger(__name__)
@@ -36,26 +36,34 @@ def _client(root: Path | None = None) -> MlflowClient:
 
 
 def register_run_model(
-    run_id: str, artifact_path: str, category: str, root: Path | None = None
+    run_id: str,
+    artifact_path: str,
+    category: str,
+    root: Path | None = None,
+    tags: dict[str, str] | None = None,
 ) -> int:
     """Register the model at `artifact_path` of run `run_id` as a new version of
-    `rrec-<category>`; returns the version number.
+    `rrec-<category>`; returns the version number. A run that already has a version
+    of that model gets that version back instead of a second one.
 
     An MLflow model (logged with `log_model(name=artifact_path)`) is registered as such;
     plain files logged under `artifact_path` (e.g. a LoRA adapter) are registered from
     the run's artifact location."""
     client = _client(root)
     name = model_name(category)
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        return min(int(mv.version) for mv in existing)
     files = {Path(f.path).name for f in client.list_artifacts(run_id, artifact_path)}
     if not files or "MLmodel" in files:
         # MLflow 3 resolves runs:/ to the logged model of that name when the run's own
         # artifacts do not hold it, and fails naming the run when there is none.
-        mv = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name)
+        mv = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, tags=tags)
         return int(mv.version)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    mv = client.create_model_version(name, source, run_id=run_id)
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     return int(mv.version)
 
 
@@ -70,15 +78,17 @@ def _version_by_alias(client: MlflowClient, name: str, alias: str) -> int | None
         return None
 
 
+def run_metric(run_id: str, metric: str = METRIC, root: Path | None = None) -> float | None:
+    """The metric's last value on a run (None if never logged)."""
+    return _client(root).get_run(run_id).data.metrics.get(metric)
+
+
 def version_metric(
     name: str, version: int | str, metric: str = METRIC, root: Path | None = None
 ) -> float | None:
     """The metric's last value on the run behind a model version (None if not logged)."""
-    client = _client(root)
-    mv = client.get_model_version(name, str(version))
-    if not mv.run_id:
-        return None
-    return client.get_run(mv.run_id).data.metrics.get(metric)
+    mv = _client(root).get_model_version(name, str(version))
+    return run_metric(mv.run_id, metric, root) if mv.run_id else None
 
 
 def champion_version(name: str, root: Path | None = None) -> int | None:

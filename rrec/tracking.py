@@ -52,10 +52,16 @@ def ensure_experiment(name: str, root: Path | None = None) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifacts = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        artifacts = (store_dir(root).resolve() / "artifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    return mlflow.create_experiment(name, artifact_location=artifact_location(root))
+
+
+def artifact_location(root: Path | None = None) -> str | None:
+    """Artifacts live beside a local sqlite store (`mlflow/artifacts` by default); a
+    tracking server decides for itself."""
+    uri = tracking_uri(root)
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -94,13 +100,19 @@ def start_run(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     root: Path | None = None,
+    run_id: str | None = None,
 ) -> Iterator[Any]:
-    """An MLflow run with the project's standard tags and params.
+    """An MLflow run with the project's standard tags and params; `run_id` re-opens a
+    run (a resumed training) instead of starting one.
 
     A failing body ends the run FAILED (MLflow's own context manager does this)."""
     import mlflow
 
     exp_id = ensure_experiment(params.tracking.experiment, root)
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
     all_tags = {
         "rrec.stage": stage,
         "rrec.category": params.data.category,

@@ -15,7 +15,7 @@ from rrec.baselines.data import SequenceData, left_pad, load_n_items, load_split
 from rrec.baselines.models import MODEL_NAMES, build_model, model_config
 from rrec.baselines.reference import popularity_counts, popularity_scorer
 from rrec.baselines.sasrec import SASRec
-from rrec.baselines.train import model_scorer, train_epoch
+from rrec.baselines.train import cpu_threads, model_scorer, train_epoch
 from rrec.config import BaselinesParams, parse_params
 from rrec.data.schema import EXAMPLES, ITEMS
 from rrec.metrics import evaluate_scorer
@@ -26,6 +26,13 @@ TINY = {
     "gru4rec": {"hidden": 16, "layers": 1, "dropout": 0.1},
     "caser": {"hidden": 16, "n_vertical": 2, "n_horizontal": 4, "dropout": 0.1, "window": 4},
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is faster, and far faster on a busy machine
+    with cpu_threads(1):
+        yield
 
 
 def _tiny_params(**baselines: Any) -> BaselinesParams:

@@ -70,9 +70,9 @@ def test_impossible_values_are_named(tmp_path, dotted, value):
 
 def test_overrides_use_dotted_keys(tmp_path):
     p = _write(tmp_path, _committed())
-    params = load_params(p, overrides={"train.recpo.beta": 1.0, "train.method": "recpo"})
+    params = load_params(p, overrides={"train.recpo.beta": 1.0, "train.methods": ["recpo"]})
     assert params.train.recpo.beta == 1.0
-    assert params.train.method == "recpo"
+    assert params.train.methods == ["recpo"]
     with pytest.raises(ConfigError, match="train.recpo.bta"):
         load_params(p, overrides={"train.recpo.bta": 1.0})
 

@@ -7,11 +7,12 @@ NDCG@10, a wall-clock budget per model; metrics by the shared full-ranking code
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -158,6 +159,25 @@ def train_baseline(
     config, best epoch and metrics) and its result beside it as `result.json`."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown baseline {name!r}; baselines.models may list {list(MODEL_NAMES)}")
+    with cpu_threads(params.baselines.threads):
+        return _train_baseline(name, params, paths, tracker, progress)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the body with `n` torch intra-op threads (0: leave them as they are)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_baseline(
+    name: str, params: Params, paths: Paths, tracker: Tracker | None, progress: bool
+) -> BaselineResult:
     bp = params.baselines
     torch.manual_seed(bp.seed)
     device = pick_device()

@@ -64,41 +64,41 @@ def _unescape_arrow(values: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def register(con: duckdb.DuckDBPyConnection) -> None:
-    """Define `rrec_unescape`, `rrec_clean_text(s)`, `rrec_clean_title(s)` and
-    `rrec_clean_list(json_list, sep)` on `con`."""
+    """Define `rrec_unescape` and the cleaning macros (`rrec_clean_text(s)`,
+    `rrec_clean_title(s)`, `rrec_clean_list(list, sep)`, ...) on `con`."""
     con.create_function(
         "rrec_unescape", _unescape_arrow, ["VARCHAR"], "VARCHAR", type="arrow", side_effects=False
     )
-    # The CASE keeps the UDF away from the (many) strings without an entity.
-    con.execute(
-        "CREATE OR REPLACE MACRO rrec_unescape_if(s) AS "
-        "CASE WHEN contains(s, '&') THEN rrec_unescape(s) ELSE s END"
-    )
-    con.execute(
-        "CREATE OR REPLACE MACRO rrec_squash(s) AS "
-        f"trim(regexp_replace(regexp_replace(s, '{_NOT_PRINTABLE_ASCII}', ' ', 'g'), ' {{2,}}', ' ', 'g'))"
-    )
-    con.execute(
-        "CREATE OR REPLACE MACRO rrec_drop_tags(s) AS "
-        f"regexp_replace(s, '{_TAG}', ' ', 'g')"
-    )
-    con.execute(
-        "CREATE OR REPLACE MACRO rrec_clean_text(s) AS "
-        "coalesce(rrec_squash(rrec_drop_tags(rrec_unescape_if(s))), '')"
-    )
-    # Takes the already unescaped title (the span check needs it too).
-    con.execute(
-        "CREATE OR REPLACE MACRO rrec_clean_unescaped_title(s) AS "
-        "rrec_squash(regexp_replace(rrec_drop_tags(s), '[\"'']', '', 'g'))"
-    )
-    con.execute(
-        "CREATE OR REPLACE MACRO rrec_clean_title(s) AS "
-        "rrec_clean_unescaped_title(rrec_unescape_if(s))"
-    )
-    con.execute(
-        "CREATE OR REPLACE MACRO rrec_clean_list(xs, sep) AS coalesce(array_to_string("
-        "list_filter(list_transform(xs, x -> rrec_clean_text(x)), x -> x <> ''), sep), '')"
-    )
+    # The guards: most strings need no change, and a test that fails is one cheap scan.
+    macros = {
+        "rrec_unescape_if(s)": "CASE WHEN contains(s, '&') THEN rrec_unescape(s) ELSE s END",
+        "rrec_drop_tags(s)": (
+            f"CASE WHEN contains(s, '<') THEN regexp_replace(s, '{_TAG}', ' ', 'g') ELSE s END"
+        ),
+        "rrec_squash(s)": (
+            f"CASE WHEN regexp_matches(s, '{_NOT_PRINTABLE_ASCII}|  |^ | $') THEN trim("
+            f"regexp_replace(regexp_replace(s, '{_NOT_PRINTABLE_ASCII}', ' ', 'g'), ' {{2,}}', "
+            "' ', 'g')) ELSE s END"
+        ),
+        "rrec_clean_text(s)": "coalesce(rrec_squash(rrec_drop_tags(rrec_unescape_if(s))), '')",
+        # Takes the already unescaped title (the span check needs that one too).
+        "rrec_clean_unescaped_title(s)": (
+            "rrec_squash(replace(replace(rrec_drop_tags(s), '\"', ''), '''', ''))"
+        ),
+        "rrec_clean_title(s)": "rrec_clean_unescaped_title(rrec_unescape_if(s))",
+        # Joined with spaces, empty elements vanish when the spaces collapse; with another
+        # separator they are dropped one by one.
+        "rrec_clean_list(xs, sep)": (
+            "coalesce(CASE WHEN sep = ' ' THEN rrec_clean_text(array_to_string(xs, ' ')) "
+            "ELSE array_to_string(list_filter(list_transform(xs, lambda x: rrec_clean_text(x)), "
+            "lambda x: x <> ''), sep) END, '')"
+        ),
+        "rrec_word_count(s)": (
+            "CASE WHEN s = '' THEN 0 ELSE length(s) - length(replace(s, ' ', '')) + 1 END"
+        ),
+    }
+    for head, body in macros.items():
+        con.execute(f"CREATE OR REPLACE MACRO {head} AS {body}")
 
 
 def item_validity_sql(source: str, max_title_words: int) -> str:
@@ -129,7 +129,7 @@ def item_validity_sql(source: str, max_title_words: int) -> str:
                 WHEN title_unescaped IS NULL THEN 'missing_title'
                 WHEN contains(title_unescaped, '<span id') THEN 'span_title'
                 WHEN length(title_clean) <= 1 THEN 'short_title'
-                WHEN len(string_split(title_clean, ' ')) > {int(max_title_words)} THEN 'long_title'
+                WHEN rrec_word_count(title_clean) > {int(max_title_words)} THEN 'long_title'
                 WHEN price_value IS NULL OR NOT isfinite(price_value) OR price_value < 0
                     THEN 'bad_price'
             END AS reason

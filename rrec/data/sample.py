@@ -326,7 +326,6 @@ class _Interaction:
     item: int
     ts: int  # ms since the epoch
     rating: int
-    genre_fit: bool
 
 
 @dataclass
@@ -360,7 +359,8 @@ def write_sample(params: SampleParams, category: str, out_dir: Path) -> dict[str
 
     Returns the written paths keyed "rating_only" (`{category}.csv.gz`), "reviews"
     (`{category}.jsonl.gz`) and "meta" (`meta_{category}.jsonl.gz`). The same params
-    give the same bytes.
+    give the same bytes. Each file is written under a temporary name and renamed into
+    place; nothing else is left in `out_dir`.
     """
     if params.n_genres > params.n_items // 4:
         raise ValueError(
@@ -377,7 +377,7 @@ def write_sample(params: SampleParams, category: str, out_dir: Path) -> dict[str
     catalogue.interactions = _simulate(params, catalogue, span_days, user_rng)
     _add_repeat_reviews(catalogue, params.dirt_share, dirt_rng)
 
-    meta_lines = _meta_lines(params, catalogue, category, span_days, dirt_rng, text_rng)
+    meta_lines = _meta_lines(params, catalogue, category, dirt_rng, text_rng)
     csv_lines, review_lines = _interaction_lines(params, catalogue, dirt_rng, text_rng)
 
     paths = Paths(out_dir.parent)
@@ -548,7 +548,7 @@ def _simulate(
     for u in tqdm(range(len(cat.user_ids)), desc="sample: users", unit="user", mininterval=0.5):
         n_fav = int(rng.integers(1, min(3, n_genres) + 1))
         favs = rng.choice(n_genres, size=n_fav, replace=False)
-        fav_w = rng.dirichlet(np.full(n_fav, 2.0))
+        fav_cum = np.cumsum(rng.dirichlet(np.full(n_fav, 2.0)))
         drifted = favs.copy()
         k = int(rng.integers(n_fav))
         drifted[k] = (favs[k] + (1 if rng.random() < 0.5 else -1)) % n_genres
@@ -580,8 +580,8 @@ def _simulate(
                 if last_genre >= 0 and r < _P_SAME_GENRE:
                     genre = last_genre
                 elif r < _P_SAME_GENRE + _P_FAVOURITE:
-                    genre = int(current[np.searchsorted(np.cumsum(fav_w), rng.random() * fav_w.sum())
-                                        .clip(max=n_fav - 1)])
+                    k = int(np.searchsorted(fav_cum, rng.random() * fav_cum[-1], side="right"))
+                    genre = int(current[min(k, n_fav - 1)])
                 else:
                     genre = int(rng.integers(n_genres))
                 item = pick(genre, day, bought)
@@ -597,13 +597,13 @@ def _simulate(
                 pending.remove(item)
             if it.next_in_series >= 0 and it.next_in_series not in bought:
                 pending.append(it.next_in_series)
-            fit = bool(np.isin(it.genre, current))
+            fit = it.genre in current.tolist()
             score = 2.7 + 1.7 * fit + 0.3 * (it.part > 1 and fit) + quality[item] + bias
             rating = int(np.clip(np.rint(score + rng.normal(0, 0.8)), 1, 5))
             ts = max(start_ms + int(day * DAY_MS) + int(rng.integers(0, 1000)), last_ts + 1000)
             if ts >= end_ms:
                 break
-            out.append(_Interaction(u, item, ts, rating, fit))
+            out.append(_Interaction(u, item, ts, rating))
             last_ts, last_genre = ts, it.genre
     return out
 
@@ -626,7 +626,7 @@ def _add_repeat_reviews(cat: _Catalogue, share: float, rng: np.random.Generator)
         earlier = xs[int(rng.integers(0, j))]
         ts = (xs[j].ts + xs[j + 1].ts) // 2
         rating = int(np.clip(earlier.rating + rng.integers(-1, 2), 1, 5))
-        cat.interactions.append(_Interaction(u, earlier.item, ts, rating, earlier.genre_fit))
+        cat.interactions.append(_Interaction(u, earlier.item, ts, rating))
     cat.interactions.sort(key=lambda x: (x.user, x.ts))
 
 
@@ -659,7 +659,7 @@ def _cycle(options: tuple[Any, ...], k: int) -> Any:
 
 
 def _meta_lines(
-    params: SampleParams, cat: _Catalogue, category: str, span_days: int,
+    params: SampleParams, cat: _Catalogue, category: str,
     dirt_rng: np.random.Generator, rng: np.random.Generator,
 ) -> list[str]:
     main_category = category_words(category)

@@ -11,7 +11,9 @@ their way into Parquet. The steps, in order, with the counter each one feeds:
    parent_asin, a finite rating or an integer timestamp. Metadata JSONL: `malformed`
    when the line is not a JSON object with a non-empty parent_asin. Blank lines are
    neither counted nor malformed. A file whose malformed share exceeds
-   `max_malformed_share` stops the stage with an error naming the file.
+   `max_malformed_share` stops the stage with an error naming the file. `lines` counts
+   the data lines (CSV header and blank lines excluded). Only the metadata connection
+   preserves insertion order, so that its rowid is the line order.
 2. Items: the rules of `rrec.data.clean` (missing_title, span_title, short_title,
    long_title, bad_price, duplicate_meta), one reason per metadata line.
 3. Interactions whose item has no valid metadata are dropped (`no_metadata`).
@@ -34,6 +36,11 @@ their way into Parquet. The steps, in order, with the counter each one feeds:
    timestamp, user_id, target item_id); `example_id` is the position in that order.
    With N examples, train = floor(N * split[0]), valid = floor(N * split[1]),
    test = the rest (this reproduces the split sizes of the paper's Table 3).
+
+Stats: Table 3's columns (`users`, `items`, `interactions` = interactions in the final
+window, `train`, `valid`, `test`), `examples` (= train + valid + test = interactions -
+users; the paper's "interactions" column equals this number), the window, the months
+rolled back, `drops` {reason: count}, `malformed` and `lines` {file name: count}.
 
 Outputs (`rrec.data.schema`): `data/processed/{items,train,valid,test}.parquet` and
 `reports/window_stats.json`. A run first deletes the previous outputs, writes the new
@@ -93,6 +100,11 @@ _INTERACTION_OK = (
 )
 
 
+# Every Amazon review is later than this many milliseconds (1973-03-03); a file whose
+# timestamps are all below it holds seconds.
+_SECONDS_NOT_MS = 100_000_000_000
+
+
 class WindowError(ValueError):
     """Input the window stage cannot use; the message names the file and what to do."""
 
@@ -137,10 +149,11 @@ class _Phases:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         yield
         self.seconds[name] = time.perf_counter() - t0
-        print(f"[window] {name}: {self.seconds[name]:.2f} s", flush=True)
+        cpu = time.process_time() - c0
+        print(f"[window] {name}: {self.seconds[name]:.2f} s (cpu {cpu:.2f} s)", flush=True)
 
     def total(self) -> float:
         return time.perf_counter() - self._t0
@@ -165,9 +178,11 @@ def _check_csv_header(path: Path) -> None:
 
 
 def _read_interactions(
-    con: duckdb.DuckDBPyConnection, path: Path, fmt: str
+    con: duckdb.DuckDBPyConnection, path: Path, fmt: str, end_excl: int
 ) -> tuple[int, int]:
-    """Create `inter_raw(user_id, parent_asin, rating, ts, ok)`; return (lines, malformed)."""
+    """Create `inter_raw(user_id, parent_asin, rating, ts, ok)` and the per-item summary
+    `item_span(parent_asin, n, first_ts, last_ts)` (last_ts: the latest before `end_excl`);
+    return (lines, malformed)."""
     if fmt == "rating_only":
         _check_csv_header(path)
         source = (
@@ -185,16 +200,24 @@ def _read_interactions(
         f"{_INTERACTION_OK} AS ok FROM ("
         f"SELECT user_id, parent_asin, rating, \"timestamp\" AS ts FROM {source})"
     )
-    rows, bad = con.execute("SELECT count(*), count_if(NOT ok) FROM inter_raw").fetchone()
+    rows, bad = con.execute("SELECT count(*), count_if(NOT ok) FROM inter_raw").fetchall()[0]
     rejected = 0
     if fmt == "rating_only":
         # A line can carry several errors (one row each); count lines.
-        (rejected,) = con.execute("SELECT count(DISTINCT line) FROM rrec_rejects").fetchone()
+        (rejected,) = con.execute("SELECT count(DISTINCT line) FROM rrec_rejects").fetchall()[0]
+    # Needs no metadata, so it runs here, while the other thread still reads the metadata.
+    con.execute(
+        "CREATE OR REPLACE TABLE item_span AS SELECT parent_asin, count(*) AS n, "
+        f"min(ts) AS first_ts, max(ts) AS max_ts, max(ts) FILTER (WHERE ts < {end_excl}) AS last_ts "
+        "FROM inter_raw WHERE ok GROUP BY parent_asin"
+    )
     return rows + rejected, bad + rejected
 
 
 def _read_meta(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[int, int]:
     """Create `meta_raw` in file order (rowid = line order); return (lines, malformed)."""
+    # Only this connection keeps the file order: it decides which duplicate comes first.
+    con.execute("SET SESSION preserve_insertion_order = true")
     con.execute(
         "CREATE OR REPLACE TABLE meta_raw AS SELECT * FROM read_json("
         f"{_q(path)}, format='newline_delimited', ignore_errors=true, "
@@ -202,7 +225,7 @@ def _read_meta(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[int, int]:
     )
     rows, ok = con.execute(
         "SELECT count(*), count_if(parent_asin IS NOT NULL AND parent_asin <> '') FROM meta_raw"
-    ).fetchone()
+    ).fetchall()[0]
     return rows, rows - ok
 
 
@@ -219,23 +242,29 @@ def _check_malformed(path: Path, lines: int, malformed: int, limit: float) -> No
 
 
 def _read_both(
-    con: duckdb.DuckDBPyConnection, inter_path: Path, fmt: str, meta_path: Path
+    con: duckdb.DuckDBPyConnection, inter_path: Path, fmt: str, meta_path: Path, end_excl: int
 ) -> dict[Path, tuple[int, int]]:
     """Both files at once: DuckDB decompresses one gzip stream per thread."""
     jobs: dict[Path, Callable[[duckdb.DuckDBPyConnection], tuple[int, int]]] = {
-        inter_path: lambda c: _read_interactions(c, inter_path, fmt),
+        inter_path: lambda c: _read_interactions(c, inter_path, fmt, end_excl),
         meta_path: lambda c: _read_meta(c, meta_path),
     }
     cursors = {p: con.cursor() for p in jobs}
+    out: dict[Path, tuple[int, int]] = {}
     try:
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             futures = {p: pool.submit(job, cursors[p]) for p, job in jobs.items()}
-            return {p: f.result() for p, f in futures.items()}
-    except duckdb.Error as err:
-        raise WindowError(f"reading {inter_path} / {meta_path} failed: {err}") from err
+            for p, future in futures.items():
+                try:
+                    out[p] = future.result()
+                except duckdb.Error as err:
+                    raise WindowError(
+                        f"{p}: could not be read ({err}); if the file is damaged, download it again"
+                    ) from err
     finally:
         for c in cursors.values():
             c.close()
+    return out
 
 
 # ------------------------------------------------------------------------- steps
@@ -258,8 +287,8 @@ def _clean_items(con: duckdb.DuckDBPyConnection, max_title_words: int) -> dict[s
         "SELECT reason, count(*) FROM meta_checked WHERE reason IS NOT NULL GROUP BY reason"
     ).fetchall():
         drops[reason] = n
-    (n_ok,) = con.execute("SELECT count(*) FROM meta_checked WHERE reason IS NULL").fetchone()
-    (n_kept,) = con.execute("SELECT count(*) FROM meta_valid").fetchone()
+    (n_ok,) = con.execute("SELECT count(*) FROM meta_checked WHERE reason IS NULL").fetchall()[0]
+    (n_kept,) = con.execute("SELECT count(*) FROM meta_valid").fetchall()[0]
     drops["duplicate_meta"] = n_ok - n_kept
     con.execute("DROP TABLE meta_checked")
     return drops
@@ -270,27 +299,28 @@ def _choose_window(
 ) -> tuple[dt.date, int, int, int, bool]:
     """Return (start day, months rolled back, interactions with valid metadata,
     interactions without, whether min_items was reached)."""
-    end_excl = _ms(w.end + dt.timedelta(days=1))
-    con.execute(
-        "CREATE OR REPLACE TABLE item_span AS SELECT parent_asin, count(*) AS n, min(ts) AS first_ts, "
-        f"max(ts) FILTER (WHERE ts < {end_excl}) AS last_ts "
-        "FROM inter_raw WHERE ok GROUP BY parent_asin"
-    )
     n_valid, n_invalid, earliest, t_min, t_max = con.execute(
         "SELECT coalesce(sum(n) FILTER (WHERE v.parent_asin IS NOT NULL), 0), "
         "coalesce(sum(n) FILTER (WHERE v.parent_asin IS NULL), 0), "
-        "min(first_ts) FILTER (WHERE v.parent_asin IS NOT NULL), min(first_ts), max(s.last_ts) "
+        "min(first_ts) FILTER (WHERE v.parent_asin IS NOT NULL), min(first_ts), max(s.max_ts) "
         "FROM item_span s LEFT JOIN meta_valid v USING (parent_asin)"
-    ).fetchone()
+    ).fetchall()[0]
+    if t_max is not None and t_max < _SECONDS_NOT_MS:
+        raise WindowError(
+            f"{inter_path}: the latest timestamp is {t_max}, which in milliseconds is "
+            f"{_utc_date(t_max)}; the timestamps look like seconds, and the Amazon Reviews "
+            f"2023 files use milliseconds: convert the file (timestamp * 1000)"
+        )
     last = np.sort(
         np.asarray(
-            [r[0] for r in con.execute(
+            con.execute(
                 "SELECT s.last_ts FROM item_span s JOIN meta_valid v USING (parent_asin) "
                 "WHERE s.last_ts IS NOT NULL"
-            ).fetchall()],
+            ).fetchnumpy()["last_ts"],
             dtype=np.int64,
         )
     )
+    con.execute("DROP TABLE item_span")
     if last.size == 0:
         span = "no usable interactions at all" if t_min is None else (
             f"interactions from {_utc_date(t_min)}"
@@ -323,17 +353,14 @@ def _cut_window(con: duckdb.DuckDBPyConnection, start_ms: int, end_excl: int) ->
     """Create `win(user_id, parent_asin, ts, rating)`, one row per (user, item);
     return (interactions inside the window, rows kept)."""
     con.execute(
-        "CREATE OR REPLACE TABLE win_dups AS "
+        "CREATE OR REPLACE TABLE win AS SELECT user_id, parent_asin, first.ts AS ts, "
+        "first.rating AS rating, n FROM ("
         "SELECT user_id, parent_asin, min({'ts': ts, 'rating': rating}) AS first, count(*) AS n "
         "FROM inter_raw WHERE ok AND parent_asin IN (SELECT parent_asin FROM meta_valid) "
-        f"AND ts >= {start_ms} AND ts < {end_excl} GROUP BY user_id, parent_asin"
+        f"AND ts >= {start_ms} AND ts < {end_excl} GROUP BY user_id, parent_asin)"
     )
-    con.execute(
-        "CREATE OR REPLACE TABLE win AS SELECT user_id, parent_asin, "
-        "first.ts AS ts, first.rating AS rating FROM win_dups"
-    )
-    n_in, n_kept = con.execute("SELECT coalesce(sum(n), 0), count(*) FROM win_dups").fetchone()
-    con.execute("DROP TABLE win_dups")
+    n_in, n_kept = con.execute("SELECT coalesce(sum(n), 0), count(*) FROM win").fetchall()[0]
+    con.execute("DROP TABLE inter_raw")  # the biggest table; not needed any more
     return int(n_in), int(n_kept)
 
 
@@ -345,7 +372,7 @@ def _kcore(con: duckdb.DuckDBPyConnection, k: int) -> int:
             "DELETE FROM win WHERE "
             f"user_id IN (SELECT user_id FROM win GROUP BY user_id HAVING count(*) < {k}) OR "
             f"parent_asin IN (SELECT parent_asin FROM win GROUP BY parent_asin HAVING count(*) < {k})"
-        ).fetchone()
+        ).fetchall()[0]
         if n == 0:
             break
         deleted += n
@@ -381,7 +408,7 @@ def _examples(con: duckdb.DuckDBPyConnection, max_history: int) -> int:
         FROM seq WHERE pos > 1
         """
     )
-    (n,) = con.execute("SELECT count(*) FROM examples").fetchone()
+    (n,) = con.execute("SELECT count(*) FROM examples").fetchall()[0]
     return int(n)
 
 
@@ -389,10 +416,37 @@ def _write_parquet(
     con: duckdb.DuckDBPyConnection, query: str, schema: pa.Schema, dest: Path
 ) -> None:
     """Stream a query's rows into `dest`, cast to the contract schema."""
-    reader = con.execute(query).fetch_record_batch(rows_per_batch=65_536)
+    reader = con.sql(query).to_arrow_reader(batch_size=65_536)
     with pq.ParquetWriter(dest, schema, compression="zstd") as writer:
         for batch in reader:
             writer.write_batch(batch.select(schema.names).cast(schema))
+
+
+def _write_outputs(
+    con: duckdb.DuckDBPyConnection, staging: Path, paths: Paths, sizes: tuple[int, int, int]
+) -> None:
+    """The three splits (on a second connection and thread) while the items are cleaned."""
+
+    def write_splits(cur: duckdb.DuckDBPyConnection) -> None:
+        lo = 0
+        for split, size in zip(SPLITS, sizes, strict=True):
+            _write_parquet(
+                cur,
+                f"SELECT * FROM examples WHERE example_id >= {lo} AND example_id < {lo + size} "
+                "ORDER BY example_id",
+                EXAMPLES,
+                staging / paths.split_file(split).name,
+            )
+            lo += size
+
+    cursor = con.cursor()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            splits_done = pool.submit(write_splits, cursor)
+            _write_parquet(con, _ITEMS_QUERY, ITEMS, staging / paths.items_file.name)
+            splits_done.result()
+    finally:
+        cursor.close()
 
 
 _ITEMS_QUERY = """
@@ -463,15 +517,14 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
                 "memory_limit": w.memory_limit,
                 "threads": w.threads,
                 "temp_directory": str(spill),
-                # On while reading, so that meta_raw's rowid is the line order ("first valid").
-                "preserve_insertion_order": True,
+                "preserve_insertion_order": False,
             },
         )
         con.execute("SET enable_progress_bar = false")
         clean.register(con)
+        end_excl = _ms(w.end + dt.timedelta(days=1))
         with phase("read interactions and metadata"):
-            counts = _read_both(con, inter_path, fmt, meta_path)
-            con.execute("SET preserve_insertion_order = false")
+            counts = _read_both(con, inter_path, fmt, meta_path, end_excl)
         for p, (lines, malformed) in counts.items():
             _check_malformed(p, lines, malformed, w.max_malformed_share)
 
@@ -480,7 +533,6 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
         with phase("choose the window"):
             start, rolled, n_valid, n_no_meta, reached = _choose_window(con, w, inter_path)
         drops["no_metadata"] = n_no_meta
-        end_excl = _ms(w.end + dt.timedelta(days=1))
         with phase("cut the window, drop duplicates"):
             n_in, n_kept = _cut_window(con, _ms(start), end_excl)
         drops["outside_window"] = n_valid - n_in
@@ -496,23 +548,12 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
                 f"data.window.kcore"
             )
         sizes = split_sizes(n_examples, w.split)
-        with phase("write examples"):
-            lo = 0
-            for split, size in zip(SPLITS, sizes, strict=True):
-                _write_parquet(
-                    con,
-                    f"SELECT * FROM examples WHERE example_id >= {lo} AND example_id < {lo + size} "
-                    "ORDER BY example_id",
-                    EXAMPLES,
-                    staging / paths.split_file(split).name,
-                )
-                lo += size
-        with phase("write items"):
-            _write_parquet(con, _ITEMS_QUERY, ITEMS, staging / paths.items_file.name)
+        with phase("write examples and items"):
+            _write_outputs(con, staging, paths, sizes)
 
         users, items, interactions = con.execute(
             "SELECT count(DISTINCT user_id), count(DISTINCT parent_asin), count(*) FROM win"
-        ).fetchone()
+        ).fetchall()[0]
         stats: dict[str, Any] = {
             "category": category,
             "users": int(users),

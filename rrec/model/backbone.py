@@ -72,7 +72,9 @@ def seed_everything(seed: int) -> None:
 def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
     """`model.dtype`: "auto" is bfloat16 on a GPU and float32 on a CPU."""
     if name == "auto":
-        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        on_gpu = (
+            torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        )
         return torch.bfloat16 if on_gpu else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -139,12 +141,17 @@ def tiny_config(tiny: TinyBackboneParams, tokenizer: PreTrainedTokenizerBase) ->
     )
 
 
-def build_tiny_model(tiny: TinyBackboneParams, tokenizer: PreTrainedTokenizerBase, seed: int) -> Qwen2ForCausalLM:
+def build_tiny_model(
+    tiny: TinyBackboneParams, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> Qwen2ForCausalLM:
     """A freshly initialised (seeded) Qwen2 decoder sized by `model.tiny`."""
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(tiny_config(tiny, tokenizer))
     # generation stops at the end of a turn as well as at the end of text
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
+    model.generation_config.eos_token_id = [
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids(IM_END),
+    ]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     return model
@@ -171,8 +178,12 @@ def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
     train_idx, held_idx = split_heldout(len(docs), HELDOUT_SHARE, params.seed)
     pad_id = int(tokenizer.pad_token_id)
     eos_id = int(tokenizer.eos_token_id)
-    train_blocks = pack([docs[i] for i in train_idx], tiny.pretrain_seq_len, eos_id, pad_id, [answer_id])
-    held_blocks = pack([docs[i] for i in held_idx], tiny.pretrain_seq_len, eos_id, pad_id, [answer_id])
+    train_blocks = pack(
+        [docs[i] for i in train_idx], tiny.pretrain_seq_len, eos_id, pad_id, [answer_id]
+    )
+    held_blocks = pack(
+        [docs[i] for i in held_idx], tiny.pretrain_seq_len, eos_id, pad_id, [answer_id]
+    )
 
     model = build_tiny_model(tiny, tokenizer, params.seed)
     eval_bs = max(tiny.pretrain_batch_size, 1)
@@ -255,7 +266,9 @@ def add_control_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     if not missing:
         return []
     spelled = {t: tokenizer.encode(t, add_special_tokens=False) for t in missing}
-    tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": missing}, replace_extra_special_tokens=False
+    )
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -304,12 +317,16 @@ def _record_reference(params: Params, paths: Paths) -> dict[str, Any]:
     vocab = tokenizer.get_vocab()
     missing = [t for t in CONTROL_TOKENS if t not in vocab]
     if missing:
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": missing}, replace_extra_special_tokens=False
+        )
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     record: dict[str, Any] = {
         "backbone": ref,
         "revision": getattr(config, "_commit_hash", None),
-        "local_path": str(Path(ref).expanduser().resolve()) if Path(ref).expanduser().is_dir() else None,
+        "local_path": str(Path(ref).expanduser().resolve())
+        if Path(ref).expanduser().is_dir()
+        else None,
         "model_type": config.model_type,
         "hidden_size": int(text_config.hidden_size),
         "tokenizer_size": len(tokenizer),

@@ -70,7 +70,9 @@ def pack(
     return Blocks(ids.view(n_blocks, seq_len), labels.view(n_blocks, seq_len))
 
 
-def _token_nll(model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _token_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Summed next-token negative log-likelihood over the labelled positions."""
     logits = model(input_ids=input_ids).logits[:, :-1].float()
     return F.cross_entropy(
@@ -82,7 +84,9 @@ def _token_nll(model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Te
 
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, blocks: Blocks, batch_size: int, desc: str = "perplexity") -> float:
+def perplexity(
+    model: PreTrainedModel, blocks: Blocks, batch_size: int, desc: str = "perplexity"
+) -> float:
     """exp(mean next-token NLL) over every labelled position of `blocks`."""
     was_training = model.training
     model.eval()
@@ -150,7 +154,9 @@ def pretrain(
                 stopped_by = "time"
                 break
             if cursor + batch_size > len(order):
-                order = torch.cat([order[cursor:], torch.randperm(len(blocks), generator=generator)])
+                order = torch.cat(
+                    [order[cursor:], torch.randperm(len(blocks), generator=generator)]
+                )
                 cursor = 0
             idx = order[cursor : cursor + batch_size]
             cursor += batch_size

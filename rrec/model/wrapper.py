@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrec.metrics import mask_history
-from rrec.model.tokenizer import ANSWER, END_ANSWER, IM_END, control_token_id
+from rrec.model.tokenizer import ANSWER, END_ANSWER, control_token_id
 
 Messages = Sequence[dict[str, str]]
 
@@ -34,7 +34,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def answer_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_id: int) -> torch.Tensor:
+def answer_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_id: int
+) -> torch.Tensor:
     """Index of the last attended `answer_id` in each row; an error if a row has none."""
     hits = (input_ids == answer_id) & attention_mask.bool()
     if not bool(hits.any(dim=1).all()):
@@ -53,6 +55,23 @@ def gather_answer_states(
     """hidden [B, T, d] -> [B, d] at each row's last `<answer>`."""
     pos = answer_positions(input_ids, attention_mask, answer_id)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
+
+
+def template_tail_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens the chat template writes after the last message's content when it opens
+    the assistant turn (e.g. `<|im_end|>`, `\\n`, `<|im_start|>`, `assistant`, `\\n`).
+
+    Found by rendering a probe conversation; 0 if the template's tail does not start
+    on a token boundary (truncation then keeps only what is appended after it)."""
+    probe = "rrec probe"
+    messages = [{"role": "user", "content": probe}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    end = text.rfind(probe)
+    if end < 0:
+        return 0
+    suffix = tokenizer.encode(text[end + len(probe) :], add_special_tokens=False)
+    return len(suffix) if suffix and list(ids[-len(suffix) :]) == suffix else 0
 
 
 def score(user_states: torch.Tensor, item_table: torch.Tensor, tau: float) -> torch.Tensor:
@@ -81,11 +100,16 @@ class RecModel(nn.Module):
         self.max_prompt_tokens = max_prompt_tokens
         self.answer_token_id = control_token_id(tokenizer, ANSWER)
         self.end_answer_token_id = control_token_id(tokenizer, END_ANSWER)
-        self.turn_end_token_id = tokenizer.convert_tokens_to_ids(IM_END) if IM_END in tokenizer.get_vocab() else None
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.template_tail = template_tail_length(tokenizer)
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         if pad is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+            raise ValueError(
+                "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
+            )
         self.pad_token_id = int(pad)
+        self.train(lm.training)  # start in the mode the LM is in (eval after loading)
 
     # ---------------------------------------------------------------- ids
 
@@ -97,19 +121,18 @@ class RecModel(nn.Module):
     def hidden_size(self) -> int:
         return int(self.lm.get_input_embeddings().weight.shape[1])
 
-    def _truncate(self, ids: list[int], tail_from: int) -> list[int]:
-        """Cut the middle of the prompt body so the template's tail (end of the user turn,
-        assistant header, `<answer>`) survives `max_prompt_tokens`."""
+    def _truncate(self, ids: list[int], tail: int) -> list[int]:
+        """Cut the end of the prompt body so the last `tail` tokens (the end of the user
+        turn, the assistant header, `<answer>`) survive `max_prompt_tokens`."""
         limit = self.max_prompt_tokens
         if limit is None or len(ids) <= limit:
             return ids
-        tail = ids[tail_from:]
-        if len(tail) >= limit:
+        if tail >= limit:
             raise ValueError(
                 f"model.max_prompt_tokens={limit} is too small for the chat template's tail "
-                f"({len(tail)} tokens); raise it"
+                f"({tail} tokens); raise it"
             )
-        return ids[: limit - len(tail)] + tail
+        return ids[: limit - tail] + ids[len(ids) - tail :]
 
     def prompt_ids(self, conversations: Sequence[Messages], *, answer: bool) -> list[list[int]]:
         """Token ids of chat conversations with the generation prompt (the assistant turn
@@ -124,22 +147,17 @@ class RecModel(nn.Module):
             sanitize_control_tokens=True,
             return_dict=False,
         )
-        out: list[list[int]] = []
-        for ids in rendered:
-            ids = list(ids)
-            tail_from = len(ids)
-            if self.turn_end_token_id is not None and self.turn_end_token_id in ids:
-                tail_from = len(ids) - 1 - ids[::-1].index(self.turn_end_token_id)
-            if answer:
-                ids.append(self.answer_token_id)
-            out.append(self._truncate(ids, tail_from))
-        return out
+        tail = self.template_tail + int(answer)
+        suffix = [self.answer_token_id] if answer else []
+        return [self._truncate(list(ids) + suffix, tail) for ids in rendered]
 
     def item_prompt_ids(self, conversations: Sequence[Messages]) -> list[list[int]]:
         """Item prompts: the assistant turn pre-filled with `<answer>`."""
         return self.prompt_ids(conversations, answer=True)
 
-    def user_prompt_ids(self, conversations: Sequence[Messages], *, answer: bool = False) -> list[list[int]]:
+    def user_prompt_ids(
+        self, conversations: Sequence[Messages], *, answer: bool = False
+    ) -> list[list[int]]:
         """User prompts; `answer=True` for the contrastive baseline (no reasoning)."""
         return self.prompt_ids(conversations, answer=answer)
 
@@ -200,7 +218,10 @@ class RecModel(nn.Module):
     # ------------------------------------------------------------ ranking
 
     def rank_scores(
-        self, user_states: torch.Tensor, item_table: torch.Tensor, history: torch.Tensor | None = None
+        self,
+        user_states: torch.Tensor,
+        item_table: torch.Tensor,
+        history: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores [N, I] at the model's tau, the history items (padded with -1) at -inf."""
         scores = score(user_states, item_table, self.tau)

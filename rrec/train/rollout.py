@@ -63,8 +63,11 @@ class RolloutEngine(Protocol):
 
 
 def _stop_ids(model: RecModel) -> list[int]:
+    """`<answer>` plus whatever ends a turn for this backbone (its generation config's
+    eos ids, e.g. `<|im_end|>`/`<end_of_turn>`, and the tokenizer's eos)."""
     ids = {model.answer_token_id}
-    for tok in (model.turn_end_token_id, model.tokenizer.eos_token_id):
+    eos = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
+    for tok in [*(eos if isinstance(eos, (list, tuple)) else [eos]), model.tokenizer.eos_token_id]:
         if tok is not None:
             ids.add(int(tok))
     return sorted(ids)

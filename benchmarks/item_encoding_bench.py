@@ -1,0 +1,144 @@
+"""Item-table encoding throughput: `rrec.items.encode_items` against two peers.
+
+- naive: one item at a time in item-id order (no batching, no sorting), each prompt
+  tokenised and encoded on its own — what a straightforward loop does;
+- ceiling: the forward pass alone on full batches of equal-length sequences (no
+  padding, no tokenisation, no file writes) holding the same total number of tokens.
+
+`encode_items` is timed end to end from chat messages: tokenisation, length sorting,
+dynamic padding, chunk files and the final table. Targets: >= 5x naive, >= 0.8x the
+ceiling. The model is the project's built backbone when `models/backbone` holds one,
+else a freshly initialised one sized by `model.tiny` (speed does not depend on the
+weights); the prompts are `data/prompts/items.parquet` when present, else synthetic
+prompts worded like the real ones.
+
+    python benchmarks/item_encoding_bench.py [--params params.yaml] [--n-items 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rrec.config import load_params
+from rrec.items import encode_items, read_item_prompts
+from rrec.model import RecModel, load_model_and_tokenizer
+from rrec.model.backbone import build_tiny_model
+from rrec.model.tokenizer import train_tokenizer
+from rrec.paths import Paths
+
+WORDS = (
+    "dragon sword magic quest castle racing cars speed track drift puzzle logic tiles brain "
+    "football league season coach online multiplayer controller edition remastered classic "
+    "adventure strategy shooter horror survival open world story characters graphics sound"
+).split()
+
+
+def synthetic_items(n: int, seed: int) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        title = " ".join(rng.choice(WORDS).capitalize() for _ in range(rng.randint(2, 8)))
+        desc = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 100)))
+        content = (
+            "Summarise the key attributes of this video game (what it is, who it is for and what "
+            "sets it apart) inside <answer> and </answer>.\n\n"
+            f"Title: {title} {i}\nUser Rating: {rng.uniform(1, 5):.1f}\n"
+            f"Number of Buyers: {rng.randint(1, 5000)}\nDescription: {desc or 'unknown'}"
+        )
+        out.append([{"role": "user", "content": content}])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--n-items", type=int, default=2000)
+    ap.add_argument("--naive-items", type=int, default=300, help="items timed in the naive loop")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: items.batch_size")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    paths = Paths(args.root)
+    device = torch.device(args.device)
+    batch_size = args.batch_size or params.items.batch_size
+
+    if paths.item_prompts_file.exists():
+        convs = read_item_prompts(paths.item_prompts_file)
+        source = str(paths.item_prompts_file)
+    else:
+        convs = synthetic_items(args.n_items, args.seed)
+        source = "synthetic"
+    convs = convs[: args.n_items]
+
+    if (paths.backbone / "config.json").exists() or params.model.backbone != "tiny":
+        model, tokenizer = load_model_and_tokenizer(params, paths, device=device)
+        model_source = params.model.backbone
+    else:
+        tokenizer = train_tokenizer(convs, params.model.tiny.vocab_size, params.model.tiny.max_position)
+        model = build_tiny_model(params.model.tiny, tokenizer, args.seed).to(device).eval()
+        model_source = "tiny (fresh weights)"
+    rec = RecModel(model, tokenizer, max_prompt_tokens=params.model.max_prompt_tokens).eval()
+    n = len(convs)
+    torch.manual_seed(args.seed)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        rec.encode(rec.item_prompt_ids(convs[:batch_size]))  # warm-up
+    sync()
+
+    # 1. the encode_items path, end to end from messages
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        prompts = rec.item_prompt_ids(convs)
+        encode_items(rec, prompts, Path(tmp), batch_size=batch_size, chunk_size=params.items.chunk_size)
+        sync()
+        ours = n / (time.perf_counter() - start)
+
+    # 2. naive: one at a time, item order
+    k = min(args.naive_items, n)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for conv in convs[:k]:
+            rec.encode(rec.item_prompt_ids([conv])).float().cpu()
+    sync()
+    naive = k / (time.perf_counter() - start)
+
+    # 3. ceiling: same total tokens, equal lengths, full batches, forward only
+    lengths = [len(p) for p in prompts]
+    mean_len = round(sum(lengths) / n)
+    ids = torch.randint(0, len(tokenizer), (n, mean_len), generator=torch.Generator().manual_seed(args.seed))
+    ids[:, -1] = rec.answer_token_id
+    mask = torch.ones_like(ids)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, n, batch_size):
+            rec.answer_states(ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)).float().cpu()
+    sync()
+    ceiling = n / (time.perf_counter() - start)
+
+    print(f"device: {device} ({torch.get_num_threads()} CPU threads)  model: {model_source}  prompts: {source}")
+    print(
+        f"items: {n}  tokens/item: mean {mean_len}, min {min(lengths)}, max {max(lengths)}  "
+        f"batch {batch_size}, chunk {params.items.chunk_size}"
+    )
+    print(f"encode_items : {ours:9.1f} items/s")
+    print(f"naive loop   : {naive:9.1f} items/s  ({k} items)")
+    print(f"ceiling      : {ceiling:9.1f} items/s")
+    print(f"encode_items / naive   = {ours / naive:5.2f}x  (target >= 5)")
+    print(f"encode_items / ceiling = {ours / ceiling:5.2f}x  (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

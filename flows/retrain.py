@@ -1,0 +1,232 @@
+"""Scheduled retraining: fresh data, a window that ends at the newest interaction, a new
+model, and a promotion only when it beats the champion.
+
+    python -m flows.retrain run      # once, now
+    python -m flows.retrain serve    # on the weekly schedule, in this process
+
+`prefect.yaml` declares the same schedule as the deployment `rrec-retrain` for a
+process work pool (`prefect deploy --all`, then `prefect worker start --pool rrec-local`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import pipeline
+from rrec.config import ConfigError, load_params
+from rrec.data.latest import latest_interaction_date
+from rrec.paths import Paths
+
+CRON = "0 3 * * 1"  # Mondays 03:00 UTC
+TIMEZONE = "UTC"
+DEPLOYMENT = "rrec-retrain"
+SUMMARY_FILE = "train_summary.json"
+MODEL_ARTIFACT = "model"
+
+
+def run_dvc(args: Sequence[str], root: Path) -> None:
+    """`dvc <args>` in `root`, output streamed to the Prefect logger; raises on failure.
+
+    The one place this flow touches DVC: tests replace it with a fake pipeline."""
+    pipeline.run_dvc(args, root)
+
+
+# ------------------------------------------------------------------ params.yaml edit
+
+_SCALAR = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"\\]|\\.)*\"|[^\s#]+")
+
+
+def set_window_end(params_path: str | Path, end: dt.date) -> bool:
+    """Set `data.window.end` in a params file to `end`; True if the file changed.
+
+    Only that value's characters are rewritten (in the quoting style it had), so
+    comments, key order and every other line stay exactly as they were."""
+    from ruamel.yaml import YAML
+
+    path = Path(params_path)
+    text = path.read_text()
+    doc = YAML().load(text)
+    try:
+        window = doc["data"]["window"]
+        line, col = window.lc.value("end")
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"{path}: has no data.window.end to update; add `end: 'YYYY-MM-DD'` under "
+            f"data.window"
+        ) from None
+    current = window["end"]
+    current_date = current if isinstance(current, dt.date) else dt.date.fromisoformat(str(current))
+    if current_date == end:
+        return False
+    lines = text.splitlines(keepends=True)
+    target = lines[line]
+    m = _SCALAR.match(target, col)
+    if m is None:
+        raise ConfigError(f"{path}:{line + 1}: cannot find the value of data.window.end")
+    token = m.group(0)
+    quote = token[0] if token[0] in "'\"" else ""
+    lines[line] = f"{target[: m.start()]}{quote}{end.isoformat()}{quote}{target[m.end():]}"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+    written = load_params(path).data.window.end
+    if written != end:
+        raise ConfigError(f"{path}:{line + 1}: data.window.end reads {written} after the edit, not {end}")
+    return True
+
+
+# ------------------------------------------------------------------------- tasks
+
+
+@task(name="download", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[30, 120, 300])
+def download_task(root: str, refresh: bool) -> None:
+    # --force: DVC cannot see that the files behind the URLs changed, so only a forced
+    # run fetches what is new; unchanged files hash the same and downstream is skipped.
+    run_dvc(["repro", "--force", "download"] if refresh else ["repro", "download"], Path(root))
+
+
+@task(name="latest-date", cache_policy=NO_CACHE)
+def latest_date_task(root: str, params_path: str) -> dt.date:
+    params = load_params(Path(root) / params_path)
+    return latest_interaction_date(params, Paths(Path(root)))
+
+
+@task(name="set-window-end", cache_policy=NO_CACHE)
+def set_window_end_task(root: str, params_path: str, end: dt.date) -> bool:
+    return set_window_end(Path(root) / params_path, end)
+
+
+@task(name="reproduce", cache_policy=NO_CACHE)
+def reproduce_task(root: str) -> None:
+    run_dvc(["repro"], Path(root))
+
+
+def _trained_run(root: Path, method: str) -> tuple[str, int | None]:
+    """(MLflow run id, registered version or None) from one method's train summary."""
+    summary_path = Paths(root).trained(method) / SUMMARY_FILE
+    if not summary_path.exists():
+        raise FileNotFoundError(
+            f"{summary_path}: not found; the train stage writes it "
+            f"(run `dvc repro train@{method}`)"
+        )
+    summary = json.loads(summary_path.read_text())
+    run_id = summary.get("mlflow_run_id")
+    if not run_id:
+        raise ValueError(f"{summary_path}: has no `mlflow_run_id`; train with MLflow tracking on")
+    version = summary.get("registered_version")
+    return run_id, None if version is None else int(version)
+
+
+@task(name="register-best", cache_policy=NO_CACHE)
+def register_best_task(root: str, params_path: str, methods: list[str] | None) -> dict[str, Any]:
+    """Register the trained method with the best test NDCG@10 (unless the train stage
+    already did); returns its method, run id, version and metric."""
+    from rrec import registry
+
+    root_path = Path(root)
+    params = load_params(root_path / params_path)
+    candidates = []
+    for method in methods or params.train.methods:
+        run_id, version = _trained_run(root_path, method)
+        ndcg = registry.run_metric(run_id, registry.METRIC, root_path)
+        if ndcg is None:
+            raise ValueError(
+                f"MLflow run {run_id} (train@{method}) has no {registry.METRIC}; the evaluate "
+                f"stage logs it (run `dvc repro evaluate@{method}`)"
+            )
+        candidates.append({"method": method, "run_id": run_id, "version": version, "ndcg": ndcg})
+    best = max(candidates, key=lambda c: c["ndcg"])  # first listed method wins a tie
+    get_run_logger().info(
+        "test NDCG@10 by method: %s; challenger: %s",
+        {c["method"]: round(c["ndcg"], 6) for c in candidates}, best["method"],
+    )
+    if best["version"] is None:
+        best["version"] = registry.register_run_model(
+            best["run_id"], MODEL_ARTIFACT, params.data.category, root_path,
+            tags={"rrec.method": best["method"], "rrec.window_end": str(params.data.window.end)},
+        )
+    return best
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(root: str, params_path: str, version: int) -> dict[str, Any]:
+    from rrec import registry
+
+    root_path = Path(root)
+    name = registry.model_name(load_params(root_path / params_path).data.category)
+    champion = registry.champion_metric(name, root=root_path)
+    challenger = registry.version_metric(name, version, root=root_path)
+    promoted = registry.promote_if_better(name, version, root=root_path)
+    return {"challenger_ndcg10": challenger, "champion_ndcg10": champion, "promoted": promoted}
+
+
+@flow(name="retrain")
+def retrain_flow(
+    root: str = ".",
+    params_path: str = "params.yaml",
+    refresh_data: bool = True,
+    methods: list[str] | None = None,
+) -> dict[str, Any]:
+    """Download, move `data.window.end` to the newest interaction, `dvc repro`, promote.
+
+    Of the trained `methods` (default: `train.methods` of the params), the one with the
+    best test NDCG@10 is the challenger: it becomes a new version of `rrec-<category>`
+    and the `champion` only if it beats the current champion strictly.
+
+    Returns {version, promoted, challenger_ndcg10, champion_ndcg10, method, run_id,
+    window_end}; `champion_ndcg10` is that of the champion the challenger was compared
+    with (None when there was none). When nothing changed, DVC skips every stage and the
+    same version is compared with itself, which changes nothing.
+    """
+    logger = get_run_logger()
+    download_task(root, refresh_data)
+    end = latest_date_task(root, params_path)
+    if set_window_end_task(root, params_path, end):
+        logger.info("data.window.end moved to %s", end)
+    else:
+        logger.info("data.window.end is already %s", end)
+    reproduce_task(root)
+    best = register_best_task(root, params_path, methods)
+    outcome = promote_task(root, params_path, best["version"])
+    logger.info(
+        "version %d (%s): test NDCG@10 %s vs champion %s -> %s", best["version"], best["method"],
+        outcome["challenger_ndcg10"], outcome["champion_ndcg10"],
+        "promoted" if outcome["promoted"] else "champion kept",
+    )
+    return {"version": best["version"], **outcome, "method": best["method"],
+            "run_id": best["run_id"], "window_end": end.isoformat()}
+
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+
+
+@app.command("run")
+def run_cmd(
+    root: str = typer.Option(".", help="project root holding dvc.yaml and params.yaml"),
+    params: str = typer.Option("params.yaml", help="parameter file, relative to --root"),
+    refresh_data: bool = typer.Option(True, help="force the download stage to fetch again"),
+) -> None:
+    """Retrain once, now."""
+    typer.echo(json.dumps(retrain_flow(root=root, params_path=params, refresh_data=refresh_data)))
+
+
+@app.command("serve")
+def serve_cmd(cron: str = typer.Option(CRON, help=f"cron schedule ({TIMEZONE})")) -> None:
+    """Serve the flow on its schedule from this process (needs PREFECT_API_URL to a server)."""
+    from prefect.schedules import Cron
+
+    retrain_flow.serve(name=DEPLOYMENT, schedule=Cron(cron, timezone=TIMEZONE))
+
+
+if __name__ == "__main__":
+    app()

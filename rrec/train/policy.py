@@ -1,0 +1,63 @@
+"""Loading the policy: the backbone with a fresh LoRA adapter to train, or the trained one.
+
+`models/trained/<method>/` (the train stage's output) holds everything a trained policy is:
+`adapter/` (peft LoRA weights, or full weights when LoRA is off), `tokenizer/`,
+`item_table/` (the item-embedding table encoded by the final policy) and
+`train_summary.json` (method, best step, metrics, MLflow run id).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rrec.config import Params
+from rrec.items import load_item_table
+from rrec.model.backbone import load_model_and_tokenizer
+from rrec.model.lora import apply_lora, load_adapter
+from rrec.model.wrapper import RecModel
+from rrec.paths import Paths
+
+ADAPTER_DIR = "adapter"
+TOKENIZER_DIR = "tokenizer"
+TABLE_DIR = "item_table"
+TRAIN_SUMMARY = "train_summary.json"
+
+
+def new_policy(params: Params, paths: Paths, device: torch.device | str | None = None) -> RecModel:
+    """The backbone with a fresh LoRA adapter (seeded), in train mode."""
+    torch.manual_seed(params.train.seed)
+    lm, tok = load_model_and_tokenizer(params, paths, device=device)
+    lm = apply_lora(lm, params.model.lora)
+    if hasattr(lm, "enable_input_require_grads") and params.model.lora.enabled:
+        lm.enable_input_require_grads()
+    lm.train()
+    return RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
+
+
+def policy_from_adapter(
+    params: Params, paths: Paths, adapter_dir: Path, device: torch.device | str | None = None
+) -> RecModel:
+    lm, tok = load_model_and_tokenizer(params, paths, device=device)
+    lm = load_adapter(lm, adapter_dir)
+    lm.eval()
+    return RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
+
+
+def load_trained_policy(
+    params: Params, paths: Paths, method: str, device: torch.device | str | None = None
+) -> tuple[RecModel, torch.Tensor]:
+    """The trained policy (eval mode) and its item table."""
+    trained = paths.trained(method)
+    if not (trained / ADAPTER_DIR).exists():
+        raise FileNotFoundError(f"{trained / ADAPTER_DIR}: no trained adapter; run the train stage first")
+    rec = policy_from_adapter(params, paths, trained / ADAPTER_DIR, device)
+    return rec, load_item_table(trained / TABLE_DIR)
+
+
+def describe(rec: RecModel) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in rec.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in rec.parameters())
+    return {"trainable_params": trainable, "total_params": total}

@@ -1,0 +1,244 @@
+"""One optimiser step of each method: the contrastive baseline and RecPO (SPEC section 4).
+
+Both take the indices of the *global* batch; each process works on its share of the
+users and encodes its share of the batch's (deduplicated) target items, and the item
+states are all-gathered with their gradient so the in-batch softmax spans the whole
+global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rrec.config import Params
+from rrec.items import update_rows
+from rrec.metrics import pad_histories
+from rrec.model.wrapper import RecModel
+from rrec.train.distributed import gather_no_grad, gather_with_grad, share
+from rrec.train.objectives import (
+    contrastive_loss,
+    dedupe_targets,
+    group_advantages,
+    inbatch_logprob,
+    item_loss,
+    rewards,
+    select_topk,
+    token_loss,
+)
+from rrec.train.rollout import RolloutEngine
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the batch."""
+
+    accelerator: Any
+    model: Any  # the prepared (possibly DDP-wrapped) RecModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: Params
+    user_prompt_ids: list[list[int]]  # per train example
+    histories: list[list[int]]
+    targets: list[int]
+    item_prompt_ids: list[list[int]]  # per item id
+
+    @property
+    def policy(self) -> RecModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def local_users(self, batch: np.ndarray) -> list[int]:
+        if len(batch) % self.world:
+            raise ValueError(
+                f"train.batch_size ({len(batch)}) must be divisible by the number of processes ({self.world})"
+            )
+        per = len(batch) // self.world
+        rank = self.accelerator.process_index
+        return [int(i) for i in batch[rank * per : (rank + 1) * per]]
+
+    def batch_targets(self, batch: np.ndarray) -> tuple[list[int], dict[int, int], list[int]]:
+        """(unique target items of the global batch, item -> column, this process's share)."""
+        uniq, _ = dedupe_targets(torch.tensor([self.targets[int(i)] for i in batch]))
+        items = uniq.tolist()
+        return items, {it: j for j, it in enumerate(items)}, share(items, self.accelerator.process_index, self.world)
+
+    def encode_items_no_grad(self, items: list[int], mine: list[int]) -> torch.Tensor:
+        policy = self.policy
+        was = policy.training
+        policy.eval()
+        with torch.no_grad():
+            states = policy.encode([self.item_prompt_ids[i] for i in mine]).float()
+        policy.train(was)
+        return gather_no_grad(states, self.world)[: len(items)]
+
+    def optimiser_step(self) -> float:
+        acc = self.accelerator
+        grad_norm = acc.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.params.train.max_grad_norm
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def mean(self, value: torch.Tensor | float) -> float:
+        t = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).detach()
+        return float(self.accelerator.reduce(t, "mean")) if self.world > 1 else float(t)
+
+
+class ContrastiveStep:
+    """In-batch softmax cross-entropy between `h_u` at `<answer>` appended to the user
+    prompt (no reasoning) and the batch's target item states (paper eq. 1)."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, batch: np.ndarray, step: int) -> dict[str, float]:
+        ctx = self.ctx
+        local = ctx.local_users(batch)
+        items, column, mine = ctx.batch_targets(batch)
+        seqs = [ctx.user_prompt_ids[i] for i in local] + [ctx.item_prompt_ids[i] for i in mine]
+        ids, mask = ctx.policy.pad(seqs)
+        states = ctx.model(ids, mask)
+        users, item_states = states[: len(local)], gather_with_grad(states[len(local) :], ctx.world)[: len(items)]
+        target_index = torch.tensor([column[ctx.targets[i]] for i in local], device=users.device)
+        loss = contrastive_loss(users, item_states, target_index, ctx.params.model.tau)
+        ctx.accelerator.backward(loss)
+        grad_norm = ctx.optimiser_step()
+        return {"loss": ctx.mean(loss), "grad_norm": grad_norm, "lr": ctx.scheduler.get_last_lr()[0]}
+
+
+class RecPOStep:
+    """Sample G reasonings per user, reward them against the full catalogue, and update
+    the token term on every trajectory plus the item term on the best ones."""
+
+    def __init__(self, ctx: StepContext, engine: RolloutEngine, table: torch.Tensor) -> None:
+        self.ctx = ctx
+        self.engine = engine
+        self.table = table  # [n_items, d], rows of trained targets refreshed after each step
+
+    def __call__(self, batch: np.ndarray, step: int) -> dict[str, float]:
+        ctx = self.ctx
+        p = ctx.params
+        rp, tp = p.train.rollout, p.train.recpo
+        policy = ctx.policy
+        device = ctx.accelerator.device
+        local = ctx.local_users(batch)
+        g = rp.group_size
+
+        # 1. sample
+        roll = self.engine.generate(policy, [ctx.user_prompt_ids[i] for i in local], group_size=g, greedy=False)
+        n = len(roll.reasoning_ids)
+        targets = torch.tensor([ctx.targets[i] for i in local for _ in range(g)])
+        history = pad_histories([ctx.histories[i] for i in local for _ in range(g)])
+
+        # 2. reward, 3. advantage
+        r, r_d, r_c = rewards(
+            roll.user_states.to(device), self.table.to(device), targets.to(device), history.to(device),
+            p.model.tau, tp.beta, tp.ndcg_cutoff,
+        )
+        adv = group_advantages(r, g, tp.advantage)
+        group_index = torch.arange(len(local), device=device).repeat_interleave(g)
+
+        # pi_old(target | x, o): in-batch softmax with item states of the policy that sampled
+        items, column, mine = ctx.batch_targets(batch)
+        target_index = torch.tensor([column[int(t)] for t in targets], device=device)
+        old_items = ctx.encode_items_no_grad(items, mine).to(device)
+        old_item_lp = inbatch_logprob(roll.user_states.to(device), old_items, target_index, p.model.tau)
+
+        # 4a. token term over every trajectory, in micro-batches (global token mean)
+        seqs = roll.sequences(policy.answer_token_id)
+        trained_tokens = [len(lp) for lp in roll.old_logprobs]
+        total = max(sum(trained_tokens), 1)
+        mb = p.train.micro_batch_size
+        tok_loss_sum, clip_hi, clip_lo, ratio_sum = 0.0, 0.0, 0.0, 0.0
+        for start in range(0, n, mb):
+            rows = list(range(start, min(start + mb, n)))
+            n_tok = [trained_tokens[i] for i in rows]
+            if sum(n_tok) == 0:
+                continue
+            new_lp, mask, old_lp = self._aligned_logprobs(seqs, roll, rows, rp.temperature, device)
+            loss, stats = token_loss(new_lp, old_lp, adv[rows], mask, tp.eps_low, tp.eps_high, average="global")
+            weight = sum(n_tok) / total
+            ctx.accelerator.backward(loss * weight)
+            tok_loss_sum += loss.item() * weight
+            clip_hi += float(stats["clip_high"]) * weight
+            clip_lo += float(stats["clip_low"]) * weight
+            ratio_sum += float(stats["ratio_mean"]) * weight
+
+        # 4b. item term on the top-advantage trajectory of each group
+        sel = select_topk(adv, group_index, tp.item_topk).nonzero().flatten().tolist()
+        sel_seqs = [seqs[i] for i in sel] + [ctx.item_prompt_ids[i] for i in mine]
+        ids, mask = policy.pad(sel_seqs)
+        states = ctx.model(ids, mask)
+        users, item_states = states[: len(sel)], gather_with_grad(states[len(sel) :], ctx.world)[: len(items)]
+        i_loss, i_stats = item_loss(
+            users, item_states, target_index[sel], group_index[sel], adv[sel], old_item_lp[sel],
+            p.model.tau, tp.eps_low, tp.eps_high, topk=tp.item_topk,
+        )
+        ctx.accelerator.backward(i_loss)
+        grad_norm = ctx.optimiser_step()
+
+        # 5. refresh the rows of this batch's target items
+        fresh = ctx.encode_items_no_grad(items, mine).cpu()
+        update_rows(self.table, items, fresh)
+        self.engine.sync_weights(policy)
+
+        lengths = torch.tensor(roll.lengths, dtype=torch.float32)
+        return {
+            "reward": ctx.mean(r.mean()),
+            "reward_d": ctx.mean(r_d.mean()),
+            "reward_c": ctx.mean(r_c.mean()),
+            "adv_mean": ctx.mean(adv.mean()),
+            "adv_std": ctx.mean(adv.std()) if n > 1 else 0.0,
+            "adv_abs_mean": ctx.mean(adv.abs().mean()),
+            "token_loss": ctx.mean(tok_loss_sum),
+            "item_loss": ctx.mean(i_loss),
+            "loss": ctx.mean(tok_loss_sum + float(i_loss)),
+            "clip_high": ctx.mean(clip_hi),
+            "clip_low": ctx.mean(clip_lo),
+            "ratio_mean": ctx.mean(ratio_sum),
+            "item_ratio_mean": ctx.mean(i_stats["ratio_mean"]),
+            "reasoning_len": ctx.mean(lengths.mean()),
+            "sampled_answer_share": ctx.mean(sum(roll.sampled_answer) / n),
+            "grad_norm": grad_norm,
+            "lr": ctx.scheduler.get_last_lr()[0],
+        }
+
+    def _aligned_logprobs(
+        self, seqs: list[list[int]], roll: Any, rows: list[int], temperature: float, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """New and old log-probs of the trained tokens of `rows`, [n, K] aligned at the
+        end of each trajectory, with the mask of trained tokens.
+
+        A trajectory is prompt + trained tokens (+ an appended <answer> that is not
+        trained). With left padding all trajectories end in the last column."""
+        ctx = self.ctx
+        batch = [seqs[i] for i in rows]
+        ids, attn = ctx.policy.pad(batch, padding_side="left")
+        n_trained = [len(roll.old_logprobs[i]) for i in rows]
+        tail = [0 if roll.sampled_answer[i] else 1 for i in rows]  # appended, untrained <answer>
+        k = max(n_trained)
+        span = k + max(tail)
+        out = ctx.model(ids, attn, output="lm", logits_to_keep=span + 1)
+        logits = out.logits[:, :-1].float() / temperature  # column c predicts token c+1
+        next_tokens = ids[:, -span:]
+        logp = torch.log_softmax(logits, dim=-1).gather(2, next_tokens.unsqueeze(2)).squeeze(2)
+        new = torch.zeros(len(rows), k, device=device)
+        old = torch.zeros(len(rows), k, device=device)
+        mask = torch.zeros(len(rows), k, device=device)
+        for r, (nt, tl) in enumerate(zip(n_trained, tail, strict=True)):
+            if nt == 0:
+                continue
+            end = span - tl  # exclusive end, in the `span` window, of the trained tokens
+            new[r, k - nt :] = logp[r, end - nt : end]
+            old[r, k - nt :] = roll.old_logprobs[rows[r]].to(device)
+            mask[r, k - nt :] = 1.0
+        return new, mask, old

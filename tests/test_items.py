@@ -1,0 +1,228 @@
+"""The item table: batched, resumable, multi-process encoding; load and update."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from rrec.config import Params
+from rrec.data.schema import ITEM_PROMPTS
+from rrec.items import (
+    CHUNKS_DIR,
+    INDEX_FILE,
+    TABLE_FILE,
+    encode_items,
+    load_item_table,
+    read_item_prompts,
+    run_items,
+    update_rows,
+)
+from rrec.model import RecModel, build_backbone, load_model_and_tokenizer
+from rrec.paths import Paths
+from tests.test_model import TINY, tiny_params, write_fixture_prompts
+
+N_ITEMS = 40
+CHUNK = 8
+BATCH = 3
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def setup(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Params, Paths, RecModel, list[list[int]]]:
+    paths = write_fixture_prompts(tmp_path_factory.mktemp("items"), n_items=N_ITEMS, n_users=16)
+    params = tiny_params(pretrain_steps=5)
+    build_backbone(params, paths)
+    model, tokenizer = load_model_and_tokenizer(params, paths)
+    rec = RecModel(model, tokenizer, tau=params.model.tau)
+    prompts = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
+    return params, paths, rec, prompts
+
+
+def _encode(rec: RecModel, prompts: list[list[int]], out: Path, **kw: Any) -> torch.Tensor:
+    return encode_items(
+        rec, prompts, out, batch_size=BATCH, chunk_size=CHUNK, meta={"backbone": "t"}, **kw
+    )
+
+
+def test_batched_encoding_equals_one_at_a_time(setup: Any, tmp_path: Path) -> None:
+    _, _, rec, prompts = setup
+    assert len({len(p) for p in prompts}) > 5  # lengths vary, so batches are padded
+    table = _encode(rec, prompts, tmp_path / "t")
+    with torch.no_grad():
+        one_by_one = torch.cat([rec.encode([p]) for p in prompts])
+    assert table.shape == (N_ITEMS, TINY["hidden_size"]) and table.dtype == torch.float32
+    torch.testing.assert_close(table, one_by_one, atol=1e-5, rtol=1e-5)
+    index = json.loads((tmp_path / "t" / INDEX_FILE).read_text())
+    assert (index["n_items"], index["dim"], index["backbone"], index["adapter"]) == (
+        N_ITEMS,
+        TINY["hidden_size"],
+        "t",
+        None,
+    )
+    assert not (tmp_path / "t" / CHUNKS_DIR).exists()  # chunks are removed once concatenated
+    assert torch.equal(load_item_table(tmp_path / "t"), table)
+    assert rec.training is False
+
+
+def test_interrupted_encoding_resumes_to_the_same_table(setup: Any, tmp_path: Path) -> None:
+    _, _, rec, prompts = setup
+    reference = _encode(rec, prompts, tmp_path / "ref")
+    done: list[int] = []
+
+    def stop_after_two(c: int) -> None:
+        done.append(c)
+        if len(done) == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _encode(rec, prompts, tmp_path / "run", on_chunk=stop_after_two)
+    chunk_files = sorted((tmp_path / "run" / CHUNKS_DIR).glob("*.safetensors"))
+    assert [p.name for p in chunk_files] == ["00000.safetensors", "00001.safetensors"]
+    assert not (tmp_path / "run" / TABLE_FILE).exists()
+
+    resumed: list[int] = []
+    table = _encode(rec, prompts, tmp_path / "run", on_chunk=resumed.append)
+    assert resumed == [2, 3, 4]  # the finished chunks are not encoded again
+    assert torch.equal(table, reference)
+
+    again: list[int] = []
+    assert torch.equal(_encode(rec, prompts, tmp_path / "run", on_chunk=again.append), reference)
+    assert again == []  # the finished table is reused as is
+
+
+def test_chunks_of_other_weights_or_meta_are_discarded(setup: Any, tmp_path: Path) -> None:
+    _, _, rec, prompts = setup
+
+    def stop(c: int) -> None:
+        raise Interrupt
+
+    def run(meta: dict[str, str], **kw: Any) -> torch.Tensor:
+        return encode_items(
+            rec, prompts, tmp_path, batch_size=BATCH, chunk_size=CHUNK, meta=meta, **kw
+        )
+
+    with pytest.raises(Interrupt):
+        run({"adapter": "a"}, on_chunk=stop)
+    redone: list[int] = []
+    before = run({"adapter": "b"}, on_chunk=redone.append)
+    assert redone == [0, 1, 2, 3, 4]
+
+    # same meta, but the weights moved (a training step): nothing is reused
+    weight = rec.lm.get_input_embeddings().weight
+    with torch.no_grad():
+        weight.add_(0.5)
+    try:
+        redone.clear()
+        after = run({"adapter": "b"}, on_chunk=redone.append)
+    finally:
+        with torch.no_grad():
+            weight.sub_(0.5)
+    assert redone == [0, 1, 2, 3, 4] and not torch.allclose(after, before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+SCRIPT = """
+import sys
+from pathlib import Path
+from accelerate import PartialState
+from rrec.config import load_params
+from rrec.items import run_items
+from rrec.paths import Paths
+root = Path(sys.argv[1])
+summary = run_items(load_params(root / "params.yaml"), Paths(root), out_dir=Path(sys.argv[2]))
+state = PartialState()
+print(f"rank {state.process_index} of {state.num_processes}: {summary['n_items']} items")
+"""
+
+
+def test_two_process_run_equals_one_process(setup: Any, tmp_path: Path) -> None:
+    params, paths, _, _ = setup
+    # only the sections this stage reads; the rest are the schema's defaults
+    raw = {
+        "model": params.model.model_dump(mode="json"),
+        "items": {"batch_size": BATCH, "chunk_size": CHUNK},
+    }
+    (paths.root / "params.yaml").write_text(yaml.safe_dump(raw))
+    script = tmp_path / "encode.py"
+    script.write_text(SCRIPT)
+    one = Params.model_validate(raw)
+    summary = run_items(one, paths, out_dir=tmp_path / "one")
+    assert summary["n_items"] == N_ITEMS
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        str(paths.root),
+        str(tmp_path / "two"),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        f"rank 0 of 2: {N_ITEMS} items" in done.stdout
+        and f"rank 1 of 2: {N_ITEMS} items" in done.stdout
+    )
+    two = load_item_table(tmp_path / "two")
+    torch.testing.assert_close(two, load_item_table(tmp_path / "one"), atol=1e-6, rtol=1e-6)
+    assert json.loads((tmp_path / "two" / INDEX_FILE).read_text())["backbone"] == "tiny"
+
+
+def test_update_rows_and_errors(tmp_path: Path) -> None:
+    table = torch.zeros(4, 2)
+    out = update_rows(table, [3, 1], torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True))
+    assert out is table and not table.requires_grad
+    assert torch.equal(table, torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="one per item id"):
+        update_rows(table, [0], torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        update_rows(table, [4], torch.zeros(1, 2))
+    with pytest.raises(FileNotFoundError, match="items stage"):
+        load_item_table(tmp_path)
+
+    bad = tmp_path / "items.parquet"
+    rows = [{"item_id": i, "messages": [{"role": "user", "content": "x"}]} for i in (0, 2)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=ITEM_PROMPTS), bad)
+    with pytest.raises(ValueError, match=r"items.parquet: item_id must be exactly 0..1"):
+        read_item_prompts(bad)
+    shuffled = tmp_path / "shuffled.parquet"
+    rows = [{"item_id": i, "messages": [{"role": "user", "content": f"item {i}"}]} for i in (1, 0)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=ITEM_PROMPTS), shuffled)
+    assert [m[0]["content"] for m in read_item_prompts(shuffled)] == ["item 0", "item 1"]

@@ -1,0 +1,425 @@
+"""The window stage on tiny hand-made gzip fixtures with known answers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from rrec.config import Params, parse_params
+from rrec.data.schema import EXAMPLES, ITEMS
+from rrec.data.window import (
+    DROP_REASONS,
+    WindowError,
+    months_before,
+    run_window,
+    split_sizes,
+)
+from rrec.paths import SPLITS, Paths
+
+CAT = "Toy_Things"
+DAY = 86_400_000
+_ABSENT = object()
+
+
+def ms(y: int, m: int, d: int, hh: int = 12) -> int:
+    return int(dt.datetime(y, m, d, hh, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def write_gz(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def meta(asin: str, title: Any = _ABSENT, price: Any = 9.99, **extra: Any) -> str:
+    rec: dict[str, Any] = {"main_category": "Toys", "parent_asin": asin}
+    if title is _ABSENT:
+        title = f"Item {asin}"
+    if title is not None or "keep_null_title" in extra:
+        rec["title"] = title
+    extra.pop("keep_null_title", None)
+    if price is not _ABSENT:
+        rec["price"] = price
+    rec.update(extra)
+    return json.dumps(rec)
+
+
+def csv_lines(rows: list[tuple[str, str, float, int]]) -> list[str]:
+    return ["user_id,parent_asin,rating,timestamp"] + [f"{u},{a},{r},{t}" for u, a, r, t in rows]
+
+
+def review_lines(rows: list[tuple[str, str, float, int]]) -> list[str]:
+    return [
+        json.dumps(
+            {"rating": r, "title": "great", "text": "Loved it, <br />really.", "images": [],
+             "asin": a + "X", "parent_asin": a, "user_id": u, "timestamp": t,
+             "helpful_vote": 0, "verified_purchase": True}
+        )
+        for u, a, r, t in rows
+    ]
+
+
+def make_params(interactions: str = "rating_only", **window: Any) -> Params:
+    base: dict[str, Any] = {"end": "2023-06-30", "months": 12, "min_items": 1}
+    base.update(window)
+    return parse_params(
+        {"data": {"source": "amazon2023", "category": CAT, "interactions": interactions,
+                  "window": base}}
+    )
+
+
+def setup(
+    root: Path,
+    rows: list[tuple[str, str, float, int]],
+    meta_lines: list[str] | None = None,
+    *,
+    extra_csv: list[str] = (),  # type: ignore[assignment]
+) -> Paths:
+    paths = Paths(root)
+    if meta_lines is None:
+        meta_lines = [meta(a) for a in sorted({r[1] for r in rows})]
+    write_gz(paths.meta_file(CAT), meta_lines)
+    write_gz(paths.rating_only_file(CAT), csv_lines(rows) + list(extra_csv))
+    return paths
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist()
+
+
+def all_examples(paths: Paths) -> list[dict[str, Any]]:
+    return [e for s in SPLITS for e in read(paths.split_file(s))]
+
+
+def items_by_asin(paths: Paths) -> dict[str, dict[str, Any]]:
+    return {r["parent_asin"]: r for r in read(paths.items_file)}
+
+
+# ------------------------------------------------------------------ unit helpers
+
+
+def test_months_before_clips_to_month_end() -> None:
+    assert months_before(dt.date(2023, 6, 30), 12) == dt.date(2022, 6, 30)
+    assert months_before(dt.date(2023, 3, 31), 1) == dt.date(2023, 2, 28)
+    assert months_before(dt.date(2024, 3, 31), 1) == dt.date(2024, 2, 29)
+    assert months_before(dt.date(2023, 1, 15), 1) == dt.date(2022, 12, 15)
+    assert months_before(dt.date(2023, 1, 15), 25) == dt.date(2020, 12, 15)
+
+
+def test_split_sizes_reproduce_table3() -> None:
+    f = (0.8, 0.1, 0.1)
+    assert split_sizes(63_502, f) == (50_801, 6_350, 6_351)
+    assert split_sizes(13_435, f) == (10_748, 1_343, 1_344)
+    assert split_sizes(34_373, f) == (27_498, 3_437, 3_438)
+    assert split_sizes(10, f) == (8, 1, 1)
+    assert sum(split_sizes(7, (0.5, 0.3, 0.2))) == 7
+
+
+# ---------------------------------------------------------------------- cleaning
+
+
+def test_item_cleaning_rules_and_counts(tmp_path: Path) -> None:
+    words20 = " ".join(f"w{i}" for i in range(20))
+    meta_lines = [
+        meta("A01", "Good &amp; Fun <b>Game</b>", 10, store="Store &#39;s",
+             description=["Line one\nwith\ttab", "caf\u00e9 &lt;br&gt;ok", ""],
+             features=["<p>feat</p>", "  spaced   out "],
+             categories=["Toys", "", "PC &amp; Mac"], average_rating=4.5, rating_number=12),
+        meta("A02", None),  # no title key at all
+        meta("A03", None, keep_null_title=True),  # "title": null
+        meta("A04", "<span id='x'>Foo</span> Bar"),
+        meta("A05", "X"),
+        meta("A06", '""'),  # nothing left once the quotes are gone
+        meta("A07", words20 + " w20"),  # 21 words
+        meta("A08", words20),  # exactly 20 words: kept
+        meta("A09", "Price none", "None"),
+        meta("A10", "Price from", "from $12.99"),
+        meta("A11", "Price dash", "\u2014"),
+        meta("A12", "Price null", None),
+        meta("A13", "Price absent", _ABSENT),
+        meta("A14", "Price string", "12.99"),
+        meta("A15", "Price int", 12),
+        meta("A16", "First valid", 1.5),
+        meta("A16", "Second valid", 2.5),  # duplicate_meta
+        meta("A17", "Invalid first", "None"),  # bad_price, then a valid line for A17
+        meta("A17", "Valid second", 3),
+        meta("A18", '"Caf\u00e9" Racer\'s Edition'),
+        meta("A19", "Zelda&#8482;&nbsp;&#x41;BC &#39;Quoted&apos; &quot;x&quot; &gt;"),
+        meta("A20", "Tom &amp;amp; Jerry"),
+        meta("A21", "5 &lt; 6 Edition\r\nTwo"),
+        meta("A22", 12345),  # not a string
+        meta("A23", "Price nan", "NaN"),
+    ]
+    asins = [f"A{i:02d}" for i in range(1, 24)]
+    rows = [(f"u{i}", a, 4.0, ms(2023, 1, 1) + i * DAY) for i, a in enumerate(asins)]
+    rows += [(f"u{i}", "A01", 5.0, ms(2023, 2, 1)) for i in range(len(asins)) if i != 0]
+    paths = setup(tmp_path, rows, meta_lines)
+    stats = run_window(make_params(), paths)
+
+    drops = stats["drops"]
+    assert set(drops) == set(DROP_REASONS)
+    assert drops["missing_title"] == 3  # A02, A03, A22
+    assert drops["span_title"] == 1
+    assert drops["short_title"] == 2  # A05, A06
+    assert drops["long_title"] == 1
+    assert drops["bad_price"] == 7  # A09-A13, the first A17, A23
+    assert drops["duplicate_meta"] == 1
+    bad = {"A02", "A03", "A04", "A05", "A06", "A07", "A09", "A10", "A11", "A12", "A13",
+           "A22", "A23"}
+    assert drops["no_metadata"] == len(bad)  # one interaction each
+
+    items = items_by_asin(paths)
+    assert set(items) == set(asins) - bad
+    a01 = items["A01"]
+    assert a01["title"] == "Good & Fun Game"
+    assert a01["description"] == "Line one with tab caf ok"
+    assert a01["features"] == "feat spaced out"
+    assert a01["store"] == "Store 's"
+    assert a01["categories"] == "Toys > PC & Mac"
+    assert a01["main_category"] == "Toys"
+    assert (a01["price"], a01["average_rating"], a01["rating_number"]) == (10.0, 4.5, 12)
+    assert items["A08"]["title"] == words20
+    assert items["A14"]["price"] == 12.99 and items["A15"]["price"] == 12.0
+    assert items["A16"]["title"] == "First valid" and items["A16"]["price"] == 1.5
+    assert items["A17"]["title"] == "Valid second"
+    assert items["A18"]["title"] == "Caf Racers Edition"
+    assert items["A19"]["title"] == "Zelda ABC Quoted x >"
+    assert items["A20"]["title"] == "Tom &amp; Jerry"  # one level of escaping only
+    assert items["A21"]["title"] == "5 < 6 Edition Two"  # not a tag: kept
+    a15 = items["A15"]
+    assert (a15["description"], a15["features"], a15["store"], a15["categories"]) == ("",) * 4
+    assert a15["average_rating"] is None and a15["rating_number"] is None
+    assert items["A01"]["n_interactions"] == len(asins)
+
+
+# -------------------------------------------------------------------- malformed
+
+
+def _dirty_inputs(tmp_path: Path, n_bad_meta: int) -> Paths:
+    rows = [(f"u{i % 7}", f"B{i % 11:02d}", 3.0, ms(2023, 1, 1) + i * 3_600_000)
+            for i in range(60)]
+    good_meta = [meta(f"B{i:02d}") for i in range(11)]
+    junk = ['{"parent_asin": "B99", "title": "cut', "not json", "[1, 2]", '{"title": "no asin"}',
+            '{"parent_asin": "", "title": "empty asin"}', "42"]
+    meta_lines = good_meta[:5] + junk[:n_bad_meta] + good_meta[5:] + [""]
+    extra_csv = ["u1,B01,abc,1672574400000", "u2,B02,4.0", "u3,B03,4.0,1672574400000,9",
+                 "u4,,4.0,1672574400000", "u5,B05,4.0,later", ""]
+    return setup(tmp_path, rows, meta_lines, extra_csv=extra_csv)
+
+
+def test_malformed_lines_are_counted(tmp_path: Path) -> None:
+    paths = _dirty_inputs(tmp_path, n_bad_meta=6)
+    stats = run_window(make_params(max_malformed_share=0.4), paths)
+    csv_name, meta_name = f"{CAT}.csv.gz", f"meta_{CAT}.jsonl.gz"
+    assert stats["lines"] == {csv_name: 65, meta_name: 17}  # blank lines are not lines
+    assert stats["malformed"] == {csv_name: 5, meta_name: 6}
+    assert stats["interactions"] + stats["drops"]["duplicate_interactions"] == 60
+    assert len(read(paths.items_file)) == 11
+
+
+def test_malformed_share_over_threshold_fails_and_leaves_no_outputs(tmp_path: Path) -> None:
+    paths = _dirty_inputs(tmp_path, n_bad_meta=1)
+    run_window(make_params(max_malformed_share=0.1), paths)  # 1/12 meta, 5/65 csv: fine
+    assert paths.window_stats.exists() and paths.items_file.exists()
+
+    paths = _dirty_inputs(tmp_path, n_bad_meta=6)  # 6/17 > 0.1
+    with pytest.raises(WindowError, match=rf"meta_{CAT}\.jsonl\.gz.*6 of 17.*0\.35"):
+        run_window(make_params(max_malformed_share=0.1), paths)
+    assert not paths.window_stats.exists()
+    assert not paths.processed.exists() or not any(paths.processed.iterdir())
+    leftovers = [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_missing_file_and_wrong_header_are_explained(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    with pytest.raises(FileNotFoundError, match="download stage"):
+        run_window(make_params(), paths)
+    write_gz(paths.meta_file(CAT), [meta("A1")])
+    write_gz(paths.rating_only_file(CAT), ["user,item,rating,time", "u,A1,1.0,1"])
+    with pytest.raises(WindowError, match=r"line 1 .*expected the header"):
+        run_window(make_params(), paths)
+
+
+# ---------------------------------------------------------------------- window
+
+
+def _rollback_rows() -> list[tuple[str, str, float, int]]:
+    rows = [(f"u{i}", f"C{i}", 4.0, ms(2023, 3, 1) + i * DAY) for i in range(3)]  # inside
+    rows += [("w", "C0", 2.0, ms(2023, 4, 1)), ("w", "C1", 2.0, ms(2023, 4, 2))]
+    rows += [
+        ("v1", "D1", 3.0, ms(2022, 6, 10)),  # needs one month back (start 2022-05-30)
+        ("v2", "D2", 3.0, ms(2022, 5, 15)),  # needs two (start 2022-04-30)
+        ("v3", "D3", 3.0, ms(2021, 3, 10)),  # the earliest interaction
+        ("v1", "C0", 5.0, int(dt.datetime(2023, 6, 30, 23, 59, 59, 999_000, tzinfo=dt.UTC)
+                              .timestamp() * 1000)),  # last millisecond: inside
+        ("v2", "C1", 5.0, ms(2023, 7, 1, 0)),  # first millisecond after the end: outside
+    ]
+    return rows
+
+
+@pytest.mark.parametrize(("min_items", "months_back", "start"),
+                         [(3, 0, "2022-06-30"), (4, 1, "2022-05-30"), (5, 2, "2022-04-30")])
+def test_window_rolls_back_month_by_month(
+    tmp_path: Path, min_items: int, months_back: int, start: str
+) -> None:
+    paths = setup(tmp_path, _rollback_rows())
+    stats = run_window(make_params(min_items=min_items), paths)
+    assert stats["months_rolled_back"] == months_back
+    assert stats["window_start"] == start and stats["window_end"] == "2023-06-30"
+    assert stats["items"] == min_items
+    assert stats["min_items_reached"] is True
+    # Outside: the post-end interaction, D3, and whichever of D1/D2 the start misses.
+    assert stats["drops"]["outside_window"] == 2 + (2 - months_back)
+    assert stats["interactions"] == 6 + months_back
+
+
+def test_window_reaching_the_earliest_interaction_warns(tmp_path: Path) -> None:
+    paths = setup(tmp_path, _rollback_rows())
+    with pytest.warns(RuntimeWarning, match="min_items=100"):
+        stats = run_window(make_params(min_items=100), paths)
+    # 2023-06-30 minus 28 months is 2021-02-28, the first start before 2021-03-10.
+    assert stats["months_rolled_back"] == 16
+    assert stats["window_start"] == "2021-02-28"
+    assert stats["min_items_reached"] is False
+    assert stats["items"] == 6 and stats["drops"]["outside_window"] == 1
+
+
+def test_empty_window_is_an_error(tmp_path: Path) -> None:
+    paths = setup(tmp_path, [("u", "A1", 1.0, ms(2023, 9, 1)), ("u", "A2", 1.0, ms(2023, 9, 2))])
+    with pytest.raises(WindowError, match="data.window.end"):
+        run_window(make_params(), paths)
+
+
+# -------------------------------------------------------------------- examples
+
+
+def test_history_window_order_and_duplicates(tmp_path: Path) -> None:
+    t = ms(2023, 1, 1)
+    rows = [
+        ("u1", "E1", 1.0, t),
+        ("u1", "E3", 3.0, t + 10),
+        ("u1", "E2", 2.0, t + 10),  # same time as E3: ordered by parent_asin, E2 first
+        ("u1", "E4", 4.0, t + 20),
+        ("u1", "E1", 5.0, t + 30),  # repeat of E1: dropped, the earliest is kept
+        ("u1", "E5", 5.0, t + 40),
+        ("u2", "E5", 2.0, t + 5),
+    ]
+    random.Random(3).shuffle(rows)
+    paths = setup(tmp_path, rows)
+    stats = run_window(make_params(max_history=2), paths)
+    assert stats["drops"]["duplicate_interactions"] == 1
+    ids = {r["parent_asin"]: r["item_id"] for r in read(paths.items_file)}
+    assert ids == {"E1": 0, "E2": 1, "E3": 2, "E4": 3, "E5": 4}
+    ex = [e for e in all_examples(paths) if e["user_id"] == "u1"]
+    ex.sort(key=lambda e: e["example_id"])
+    got = [(e["history_item_ids"], e["history_ratings"], e["history_timestamps"],
+            e["target_item_id"], e["target_rating"], e["target_timestamp"]) for e in ex]
+    assert got == [
+        ([0], [1.0], [t], 1, 2.0, t + 10),
+        ([0, 1], [1.0, 2.0], [t, t + 10], 2, 3.0, t + 10),
+        ([1, 2], [2.0, 3.0], [t + 10, t + 10], 3, 4.0, t + 20),
+        ([2, 3], [3.0, 4.0], [t + 10, t + 20], 4, 5.0, t + 40),
+    ]
+    assert all(e["target_item_id"] not in e["history_item_ids"] for e in all_examples(paths))
+    assert stats["users"] == 2 and stats["interactions"] == 6 and stats["examples"] == 4
+
+
+def _random_rows(n_users: int, seed: int) -> list[tuple[str, str, float, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for u in range(n_users):
+        for a in rng.sample(range(40), rng.randint(1, 9)):
+            rows.append((f"user{u:03d}", f"P{a:03d}", float(rng.randint(1, 5)),
+                         ms(2023, 1, 1) + rng.randrange(0, 150) * DAY))
+    return rows
+
+
+def test_split_boundaries_ids_and_schemas(tmp_path: Path) -> None:
+    rows = _random_rows(60, seed=1)
+    paths = setup(tmp_path, rows)
+    stats = run_window(make_params(max_history=3), paths)
+    splits = {s: read(paths.split_file(s)) for s in SPLITS}
+    n = sum(len(v) for v in splits.values())
+    assert n == stats["examples"] == stats["interactions"] - stats["users"]
+    assert (len(splits["train"]), len(splits["valid"]), len(splits["test"])) == split_sizes(
+        n, (0.8, 0.1, 0.1)) == (stats["train"], stats["valid"], stats["test"])
+    ts = {s: [e["target_timestamp"] for e in v] for s, v in splits.items()}
+    assert max(ts["train"]) <= min(ts["valid"]) and max(ts["valid"]) <= min(ts["test"])
+    ordered = [e for s in SPLITS for e in splits[s]]
+    assert [e["example_id"] for e in ordered] == list(range(n))
+    keys = [(e["target_timestamp"], e["user_id"], e["target_item_id"]) for e in ordered]
+    assert keys == sorted(keys)
+    assert all(1 <= len(e["history_item_ids"]) <= 3 for e in ordered)
+    assert all(len(e["history_item_ids"]) == len(e["history_ratings"])
+               == len(e["history_timestamps"]) for e in ordered)
+
+    items = read(paths.items_file)
+    assert [r["item_id"] for r in items] == list(range(len(items)))
+    assert [r["parent_asin"] for r in items] == sorted({r[1] for r in rows})
+    assert sum(r["n_interactions"] for r in items) == stats["interactions"]
+    for s in SPLITS:
+        assert pq.read_schema(paths.split_file(s)).equals(EXAMPLES)
+    assert pq.read_schema(paths.items_file).equals(ITEMS)
+    assert json.loads(paths.window_stats.read_text()) == stats
+    assert set(stats) >= {"category", "users", "items", "interactions", "train", "valid", "test"}
+    assert not (tmp_path / "data" / ".duckdb_tmp").exists()
+
+
+def test_reviews_jsonl_gives_the_same_examples_as_the_csv(tmp_path: Path) -> None:
+    rows = _random_rows(30, seed=2)
+    csv_paths = setup(tmp_path / "csv", rows)
+    csv_stats = run_window(make_params(), csv_paths)
+
+    json_paths = Paths(tmp_path / "json")
+    write_gz(json_paths.meta_file(CAT), [meta(a) for a in sorted({r[1] for r in rows})])
+    write_gz(json_paths.reviews_file(CAT), review_lines(rows) + ['{"user_id": "broken'])
+    json_stats = run_window(make_params("reviews", max_malformed_share=0.05), json_paths)
+
+    assert all_examples(json_paths) == all_examples(csv_paths)
+    assert read(json_paths.items_file) == read(csv_paths.items_file)
+    n_items = len({r[1] for r in rows})
+    assert json_stats["malformed"] == {f"{CAT}.jsonl.gz": 1, f"meta_{CAT}.jsonl.gz": 0}
+    assert json_stats["lines"] == {f"{CAT}.jsonl.gz": len(rows) + 1, f"meta_{CAT}.jsonl.gz": n_items}
+    for key in ("users", "items", "interactions", "train", "valid", "test", "drops"):
+        assert json_stats[key] == csv_stats[key]
+
+
+def test_kcore_removes_users_and_items_iteratively(tmp_path: Path) -> None:
+    t = ms(2023, 2, 1)
+    pairs = [("u1", "A"), ("u1", "B"), ("u1", "C"), ("u2", "A"), ("u2", "B"),
+             ("u3", "C"), ("u3", "D"), ("u4", "D")]
+    rows = [(u, a, 4.0, t + i * DAY) for i, (u, a) in enumerate(pairs)]
+    paths = setup(tmp_path, rows)
+    # u4 goes, then D, then u3, then C: u1 and u2 keep A and B.
+    stats = run_window(make_params(kcore=2), paths)
+    assert stats["drops"]["kcore"] == 4
+    assert (stats["users"], stats["items"], stats["interactions"]) == (2, 2, 4)
+    assert [r["parent_asin"] for r in read(paths.items_file)] == ["A", "B"]
+    assert {e["user_id"] for e in all_examples(paths)} == {"u1", "u2"}
+
+    off = run_window(make_params(kcore=0), paths)
+    assert off["drops"]["kcore"] == 0 and off["items"] == 4
+
+
+def test_timestamps_in_seconds_are_refused(tmp_path: Path) -> None:
+    rows = [("u", "A1", 1.0, ms(2023, 1, 1) // 1000), ("u", "A2", 1.0, ms(2023, 1, 2) // 1000)]
+    paths = setup(tmp_path, rows)
+    with pytest.raises(WindowError, match=r"look like seconds"):
+        run_window(make_params(), paths)
+
+
+def test_damaged_gzip_names_the_file(tmp_path: Path) -> None:
+    paths = setup(tmp_path, [("u", "A1", 1.0, ms(2023, 1, 1)), ("u", "A2", 1.0, ms(2023, 1, 2))])
+    blob = paths.meta_file(CAT).read_bytes()
+    paths.meta_file(CAT).write_bytes(blob[: len(blob) // 2])  # truncated download
+    with pytest.raises(WindowError, match=rf"meta_{CAT}\.jsonl\.gz: could not be read"):
+        run_window(make_params(), paths)
+    assert not paths.window_stats.exists()
