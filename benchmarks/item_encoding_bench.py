@@ -12,7 +12,7 @@ else a freshly initialised one sized by `model.tiny` (speed does not depend on t
 weights); the prompts are `data/prompts/items.parquet` when present, else synthetic
 prompts worded like the real ones.
 
-    python benchmarks/item_encoding_bench.py [--params params.yaml] [--n-items 2000]
+    python benchmarks/item_encoding_bench.py [--params params.yaml] [--n-items 1000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,16 +57,24 @@ def synthetic_items(n: int, seed: int) -> list[list[dict[str, str]]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--root", type=Path, default=Path("."))
-    ap.add_argument("--n-items", type=int, default=2000)
-    ap.add_argument("--naive-items", type=int, default=300, help="items timed in the naive loop")
+    ap.add_argument("--n-items", type=int, default=1000)
+    ap.add_argument("--naive-items", type=int, default=100, help="items timed in the naive loop")
     ap.add_argument("--batch-size", type=int, default=None, help="default: items.batch_size")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     params = load_params(args.params)
     paths = Paths(args.root)
     device = torch.device(args.device)
@@ -83,7 +92,9 @@ def main() -> None:
         model, tokenizer = load_model_and_tokenizer(params, paths, device=device)
         model_source = params.model.backbone
     else:
-        tokenizer = train_tokenizer(convs, params.model.tiny.vocab_size, params.model.tiny.max_position)
+        tokenizer = train_tokenizer(
+            convs, params.model.tiny.vocab_size, params.model.tiny.max_position
+        )
         model = build_tiny_model(params.model.tiny, tokenizer, args.seed).to(device).eval()
         model_source = "tiny (fresh weights)"
     rec = RecModel(model, tokenizer, max_prompt_tokens=params.model.max_prompt_tokens).eval()
@@ -98,46 +109,60 @@ def main() -> None:
         rec.encode(rec.item_prompt_ids(convs[:batch_size]))  # warm-up
     sync()
 
-    # 1. the encode_items path, end to end from messages
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        prompts = rec.item_prompt_ids(convs)
-        encode_items(rec, prompts, Path(tmp), batch_size=batch_size, chunk_size=params.items.chunk_size)
-        sync()
-        ours = n / (time.perf_counter() - start)
-
-    # 2. naive: one at a time, item order
     k = min(args.naive_items, n)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for conv in convs[:k]:
-            rec.encode(rec.item_prompt_ids([conv])).float().cpu()
-    sync()
-    naive = k / (time.perf_counter() - start)
-
-    # 3. ceiling: same total tokens, equal lengths, full batches, forward only
+    prompts = rec.item_prompt_ids(convs)
     lengths = [len(p) for p in prompts]
     mean_len = round(sum(lengths) / n)
-    ids = torch.randint(0, len(tokenizer), (n, mean_len), generator=torch.Generator().manual_seed(args.seed))
-    ids[:, -1] = rec.answer_token_id
-    mask = torch.ones_like(ids)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, n, batch_size):
-            rec.answer_states(ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)).float().cpu()
-    sync()
-    ceiling = n / (time.perf_counter() - start)
+    equal = torch.randint(
+        0, len(tokenizer), (n, mean_len), generator=torch.Generator().manual_seed(args.seed)
+    )
+    equal[:, -1] = rec.answer_token_id
+    ones = torch.ones_like(equal)
 
-    print(f"device: {device} ({torch.get_num_threads()} CPU threads)  model: {model_source}  prompts: {source}")
+    def timed(fn: Callable[[], None]) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    def ours() -> None:  # the encode_items path, end to end from messages
+        with tempfile.TemporaryDirectory() as tmp:
+            encode_items(
+                rec, rec.item_prompt_ids(convs), Path(tmp),
+                batch_size=batch_size, chunk_size=params.items.chunk_size,
+            )  # fmt: skip
+
+    @torch.no_grad()
+    def naive() -> None:  # one at a time, in item order
+        for conv in convs[:k]:
+            rec.encode(rec.item_prompt_ids([conv])).float().cpu()
+
+    @torch.no_grad()
+    def ceiling() -> None:  # same total tokens, equal lengths, full batches, forward only
+        for s in range(0, n, batch_size):
+            ids = equal[s : s + batch_size].to(device)
+            rec.answer_states(ids, ones[s : s + batch_size].to(device)).float().cpu()
+
+    # interleaved repeats, best of each: a shared machine's noise only ever slows a run down
+    best = {"ours": 0.0, "naive": 0.0, "ceiling": 0.0}
+    for _ in range(args.repeats):
+        best["ours"] = max(best["ours"], n / timed(ours))
+        best["naive"] = max(best["naive"], k / timed(naive))
+        best["ceiling"] = max(best["ceiling"], n / timed(ceiling))
+
+    print(
+        f"device: {device} ({torch.get_num_threads()} CPU threads)  model: {model_source}  prompts: {source}"
+    )
     print(
         f"items: {n}  tokens/item: mean {mean_len}, min {min(lengths)}, max {max(lengths)}  "
         f"batch {batch_size}, chunk {params.items.chunk_size}"
     )
-    print(f"encode_items : {ours:9.1f} items/s")
-    print(f"naive loop   : {naive:9.1f} items/s  ({k} items)")
-    print(f"ceiling      : {ceiling:9.1f} items/s")
-    print(f"encode_items / naive   = {ours / naive:5.2f}x  (target >= 5)")
-    print(f"encode_items / ceiling = {ours / ceiling:5.2f}x  (target >= 0.8)")
+    print(f"encode_items : {best['ours']:9.1f} items/s   (best of {args.repeats})")
+    print(f"naive loop   : {best['naive']:9.1f} items/s   ({k} items)")
+    print(f"ceiling      : {best['ceiling']:9.1f} items/s")
+    print(f"encode_items / naive   = {best['ours'] / best['naive']:5.2f}x  (target >= 5)")
+    print(f"encode_items / ceiling = {best['ours'] / best['ceiling']:5.2f}x  (target >= 0.8)")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -142,6 +142,14 @@ def update_rows(
 # ----------------------------------------------------------------- encoding
 
 
+def process_state() -> PartialState:
+    """The `accelerate` process state. Without a GPU (or with ACCELERATE_USE_CPU=1) it is
+    created with `cpu=True`, without which processes started by `torchrun` on a CPU
+    machine would each believe they are alone instead of joining a gloo group."""
+    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    return PartialState(cpu=cpu)
+
+
 def length_order(prompts: Sequence[Sequence[int]]) -> list[int]:
     """Prompt indices, longest first, ties by index (deterministic)."""
     return sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
@@ -247,7 +255,7 @@ def encode_items(
     n = len(prompts)
     if n == 0:
         raise ValueError("no item prompts to encode")
-    state = state or PartialState()
+    state = state or process_state()
     meta = dict(meta or {})
     out_dir = Path(out_dir)
     chunks = out_dir / CHUNKS_DIR
@@ -352,7 +360,7 @@ def run_items(
 ) -> dict[str, Any]:
     """The `items` stage: encode every item prompt with the backbone (plus the adapter
     in `adapter_dir`, if given) into `out_dir` (default `paths.item_table`)."""
-    state = PartialState()
+    state = process_state()
     out_dir = Path(out_dir) if out_dir is not None else paths.item_table
     model, tokenizer = load_model_and_tokenizer(params, paths, device=state.device)
     if adapter_dir is not None:

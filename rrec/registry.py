@@ -12,10 +12,10 @@ import datetime as dt
 import logging
 from pathlib import Path
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from rrec.tracking import configure
 
 log = logging.getLogger(__name__)

@@ -157,3 +157,50 @@ def finished_runs_by_method(
         if method and method not in out and any(k.startswith("test_") for k in run.data.metrics):
             out[method] = {"run_id": run.info.run_id, "metrics": dict(run.data.metrics)}
     return out
+
+
+class RunPerModel:
+    """Tracker for trainers that train several models in a row (the classic baselines):
+    one MLflow run per model, tagged `rrec.method = <model name>`. A run still open when
+    `close_failed` is called (the trainer raised) is ended FAILED."""
+
+    def __init__(self, params: Params, stage: str, root: Path | None = None) -> None:
+        self.params, self.stage, self.root = params, stage, root
+        self._active = False
+
+    def start(self, name: str, model_params: dict[str, Any]) -> None:
+        import mlflow
+
+        exp_id = ensure_experiment(self.params.tracking.experiment, self.root)
+        mlflow.start_run(
+            experiment_id=exp_id,
+            run_name=name,
+            tags={
+                "rrec.stage": self.stage,
+                "rrec.method": name,
+                "rrec.category": self.params.data.category,
+                "rrec.data_version": data_version(self.root),
+                "mlflow.source.git.commit": git_commit(self.root),
+            },
+        )
+        self._active = True
+        mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in model_params.items()})
+
+    def log_epoch(self, epoch: int, loss: float, valid: dict[str, float]) -> None:
+        log_metrics({"loss": loss}, step=epoch)
+        log_metrics(valid, step=epoch, prefix="valid_")
+
+    def finish(self, test: dict[str, float], checkpoint: Path) -> None:
+        import mlflow
+
+        log_metrics(test, prefix="test_")
+        mlflow.log_artifact(str(checkpoint), artifact_path="model")
+        mlflow.end_run()
+        self._active = False
+
+    def close_failed(self) -> None:
+        import mlflow
+
+        if self._active:
+            mlflow.end_run(status="FAILED")
+            self._active = False

@@ -20,6 +20,7 @@ TINY_OVERRIDES: dict = {
     "data.sample.n_users": 500,
     "data.window.min_items": 150,
     "data.window.max_history": 5,
+    "data.window.max_malformed_share": 0.05,
     "model.tiny.vocab_size": 600,
     "model.tiny.hidden_size": 32,
     "model.tiny.num_layers": 2,

@@ -238,7 +238,6 @@ def test_run_baselines_end_to_end_beats_random(tmp_path: Path):
     for name, res in results.items():
         assert res.checkpoint == paths.baselines / name / "model.pt" and res.checkpoint.exists()
         assert set(res.test) == {"hit@1", "ndcg@1", "hit@5", "ndcg@5", "hit@10", "ndcg@10", "n"}
-        print(name, res.test, res.stopped_early, len(res.epochs))
         assert res.test["ndcg@10"] > random_row["ndcg@10"] + 0.2, (name, res.test, random_row)
         assert res.test["ndcg@10"] > popular_row["ndcg@10"], (name, res.test, popular_row)
         assert 1 <= res.best_epoch <= len(res.epochs) <= 6

@@ -19,15 +19,15 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import mlflow
 import pytest
+from mlflow import MlflowClient
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-import mlflow
 from flows import pipeline, retrain
 from flows.pipeline import StageFailed, pipeline_flow
 from flows.retrain import retrain_flow, set_window_end
-from mlflow import MlflowClient
 from rrec import registry
 from rrec.config import DataParams, Params, load_params
 from rrec.data.latest import latest_interaction_date

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,16 @@ BATCH = 3
 
 class Interrupt(Exception):
     pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed
+    CPU the threads' synchronisation makes every op many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +156,12 @@ def _free_port() -> int:
 SCRIPT = """
 import sys
 from pathlib import Path
-from accelerate import PartialState
 from rrec.config import load_params
-from rrec.items import run_items
+from rrec.items import process_state, run_items
 from rrec.paths import Paths
 root = Path(sys.argv[1])
 summary = run_items(load_params(root / "params.yaml"), Paths(root), out_dir=Path(sys.argv[2]))
-state = PartialState()
+state = process_state()
 print(f"rank {state.process_index} of {state.num_processes}: {summary['n_items']} items")
 """
 
@@ -175,25 +185,12 @@ def test_two_process_run_equals_one_process(setup: Any, tmp_path: Path) -> None:
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
         "OMP_NUM_THREADS": "1",
     }
+    # torchrun starts the processes; process_state() puts them in one gloo group
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-        str(paths.root),
-        str(tmp_path / "two"),
-    ]
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(script), str(paths.root), str(tmp_path / "two"),
+    ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,16 @@ def write_fixture_prompts(root: Path, n_items: int = 48, n_users: int = 96, seed
             pa.Table.from_pylist(rows, schema=USER_PROMPTS), paths.user_prompts_file(split)
         )
     return paths
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed
+    CPU the threads' synchronisation makes every op many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-import mlflow
-from mlflow import MlflowClient
 from rrec import registry
 
 

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,14 @@ from transformers import (
 
 from rrec.config import Params, TinyBackboneParams
 from rrec.model.pretrain import pack, perplexity, pretrain
-from rrec.model.tokenizer import ANSWER, CONTROL_TOKENS, IM_END, control_token_id, train_tokenizer
+from rrec.model.tokenizer import (
+    ANSWER,
+    CONTROL_TOKENS,
+    IM_END,
+    chat_ids,
+    control_token_id,
+    train_tokenizer,
+)
 from rrec.paths import Paths
 
 TINY = "tiny"
@@ -101,26 +107,6 @@ def read_prompt_messages(path: Path, split_hint: str) -> list[Messages]:
     return rows
 
 
-def conversation_ids(
-    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Messages], answer_id: int | None
-) -> list[list[int]]:
-    """Token ids of chat-templated conversations with the generation prompt, optionally
-    followed by `answer_id`. Control tokens that occur inside message text are encoded
-    as plain text (`sanitize_control_tokens`), so data can never produce them."""
-    if not conversations:
-        return []
-    ids = tokenizer.apply_chat_template(
-        list(conversations),
-        add_generation_prompt=True,
-        tokenize=True,
-        sanitize_control_tokens=True,
-        return_dict=False,
-    )
-    if answer_id is not None:
-        ids = [list(x) + [answer_id] for x in ids]
-    return [list(x) for x in ids]
-
-
 # ---------------------------------------------------------------- tiny model
 
 
@@ -174,15 +160,17 @@ def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
     tokenizer = train_tokenizer(items + users, tiny.vocab_size, tiny.max_position)
     answer_id = control_token_id(tokenizer, ANSWER)
 
-    docs = conversation_ids(tokenizer, items, answer_id) + conversation_ids(tokenizer, users, None)
+    # item prompts end with the pre-filled <answer>; user prompts with the opened assistant turn
+    docs = [ids + [answer_id] for ids in chat_ids(tokenizer, items)] + chat_ids(tokenizer, users)
     train_idx, held_idx = split_heldout(len(docs), HELDOUT_SHARE, params.seed)
     pad_id = int(tokenizer.pad_token_id)
     eos_id = int(tokenizer.eos_token_id)
+    unlearned = [answer_id, eos_id]  # see rrec/model/pretrain.py
     train_blocks = pack(
-        [docs[i] for i in train_idx], tiny.pretrain_seq_len, eos_id, pad_id, [answer_id]
+        [docs[i] for i in train_idx], tiny.pretrain_seq_len, eos_id, pad_id, unlearned
     )
     held_blocks = pack(
-        [docs[i] for i in held_idx], tiny.pretrain_seq_len, eos_id, pad_id, [answer_id]
+        [docs[i] for i in held_idx], tiny.pretrain_seq_len, eos_id, pad_id, unlearned
     )
 
     model = build_tiny_model(tiny, tokenizer, params.seed)

@@ -2,10 +2,12 @@
 
 Documents are token-id lists; they are packed end to end (each followed by the eos
 token) into blocks of `seq_len` tokens, the usual recipe for short LM pre-training.
-A label of -100 is ignored by the loss: used for the padding of the last block and
-for the pre-filled `<answer>` of item prompts, which is part of the prompt, not
-something the model writes; learning to emit it right after the assistant header
-would teach the model to end every assistant turn immediately.
+A label of -100 is ignored by the loss. It marks the padding of the last block and
+the tokens the caller says are not the model's to write: the builder passes the
+pre-filled `<answer>` of item prompts and the eos separators. Every document ends
+with an opened assistant turn, so learning either would teach "assistant header ->
+<answer>" or "assistant header -> end of text", and generation would stop before any
+reasoning is written.
 """
 
 from __future__ import annotations

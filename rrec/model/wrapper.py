@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrec.metrics import mask_history
-from rrec.model.tokenizer import ANSWER, END_ANSWER, control_token_id
+from rrec.model.tokenizer import ANSWER, END_ANSWER, chat_ids, control_token_id
 
 Messages = Sequence[dict[str, str]]
 
@@ -138,15 +138,7 @@ class RecModel(nn.Module):
         """Token ids of chat conversations with the generation prompt (the assistant turn
         opened), then `<answer>` if `answer`. Control tokens inside message text are
         encoded as text. Too long prompts lose the end of their body, never the tail."""
-        if not conversations:
-            return []
-        rendered = self.tokenizer.apply_chat_template(
-            [list(c) for c in conversations],
-            add_generation_prompt=True,
-            tokenize=True,
-            sanitize_control_tokens=True,
-            return_dict=False,
-        )
+        rendered = chat_ids(self.tokenizer, conversations)
         tail = self.template_tail + int(answer)
         suffix = [self.answer_token_id] if answer else []
         return [self._truncate(list(ids) + suffix, tail) for ids in rendered]

@@ -1,0 +1,38 @@
+"""The `baselines` stage: SASRec, GRU4Rec and Caser, plus the popularity and random
+reference rows, each as one MLflow run; their test metrics in one JSON for DVC."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rrec import tracking
+from rrec.baselines.reference import run_references
+from rrec.baselines.train import run_baselines
+from rrec.config import Params
+from rrec.paths import Paths
+
+
+def run_baselines_stage(params: Params, paths: Paths) -> dict[str, Any]:
+    tracker = tracking.RunPerModel(params, "baselines", paths.root)
+    try:
+        results = run_baselines(params, paths, tracker)
+    except BaseException:
+        tracker.close_failed()
+        raise
+    report: dict[str, Any] = {
+        name: {"test": r.test, "best_valid": r.best_valid, "best_epoch": r.best_epoch,
+               "train_seconds": round(r.train_seconds, 1), "stopped_early": r.stopped_early}
+        for name, r in results.items()
+    }
+    for name, by_split in run_references(params, paths).items():
+        with tracking.start_run(params, "baselines", run_name=name, tags={"rrec.method": name}, root=paths.root):
+            for split, metrics in by_split.items():
+                tracking.log_metrics(metrics, prefix=f"{split}_")
+        report[name] = {"test": by_split["test"], "best_valid": by_split["valid"]}
+    out = paths.baselines_report
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+    return report

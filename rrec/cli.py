@@ -1,0 +1,195 @@
+"""`rrec`: the command line of the project's library.
+
+    rrec recommend --method recpo --history 12,40,7 --history 3,9 --k 10 [--json]
+    rrec recommend --input requests.jsonl --json
+    rrec catalogue add --meta new_meta.jsonl.gz
+    rrec catalogue remove --asin B00XYZ --asin B00ABC
+    rrec log-model --method recpo --register
+
+Catalogue updates are kept in `models/serving/<method>/`; `rrec recommend` and
+`rrec log-model` serve from there once it exists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rrec.config import ConfigError, Params, load_params
+from rrec.paths import Paths
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+catalogue_app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="Add, replace or remove items of a trained model's catalogue without retraining.",
+)
+app.add_typer(catalogue_app, name="catalogue")
+
+ParamsOpt = Annotated[str, typer.Option("--params", help="parameter file, relative to --root")]
+RootOpt = Annotated[str, typer.Option("--root", help="project root holding data/ and models/")]
+MethodOpt = Annotated[str, typer.Option("--method", help="the trained method: recpo or contrastive")]
+
+
+def _project(params: str, root: str) -> tuple[Params, Paths]:
+    try:
+        return load_params(Path(root) / params), Paths(Path(root))
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _parse_history_option(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise _fail(f"--history {text!r}: give comma-separated item ids, e.g. --history 12,40,7") from None
+
+
+def read_requests(path: Path) -> list[dict[str, Any]]:
+    """A JSONL file of requests: each line a history (JSON list) or an object
+    {"history": [...], "k": 10, "now": <ms>}."""
+    if not path.exists():
+        raise _fail(f"{path}: input file not found")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise _fail(f"{path}:{n}: not valid JSON ({err.msg}); one request per line") from None
+        if isinstance(value, list):
+            value = {"history": value}
+        if not isinstance(value, dict) or "history" not in value:
+            raise _fail(f"{path}:{n}: a line must be a JSON list of items or an object with 'history'")
+        unknown = sorted(set(value) - {"history", "k", "now"})
+        if unknown:
+            raise _fail(f"{path}:{n}: unknown field(s) {unknown}; the fields are history, k, now")
+        out.append(value)
+    if not out:
+        raise _fail(f"{path}: holds no requests")
+    return out
+
+
+@app.command()
+def recommend(
+    history: Annotated[
+        list[str] | None,
+        typer.Option("--history", help="item ids, comma-separated, oldest first; repeat for more users"),
+    ] = None,
+    input_file: Annotated[
+        Path | None, typer.Option("--input", help="JSONL: a history (list) or {history, k, now} per line")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", min=1, help="how many items to recommend")] = 10,
+    now: Annotated[int | None, typer.Option("--now", help="the time of the request in ms (default: now)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per history")] = False,
+    method: MethodOpt = "recpo",
+    params: ParamsOpt = "params.yaml",
+    root: RootOpt = ".",
+) -> None:
+    """Recommend items for user histories with a trained model."""
+    from rrec.serve.recommend import Recommender, RequestError
+
+    requests: list[dict[str, Any]] = [{"history": _parse_history_option(h)} for h in history or []]
+    if input_file is not None:
+        requests += read_requests(input_file)
+    if not requests:
+        raise _fail("give at least one --history or an --input file")
+    p, paths = _project(params, root)
+    try:
+        rec = Recommender.from_dir(p, paths, method)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise _fail(str(err)) from None
+    try:
+        results = rec.recommend(
+            [r["history"] for r in requests],
+            k=[r.get("k", k) for r in requests],
+            now_ms=[r.get("now", now) for r in requests],
+            progress=len(requests) > 1,
+        )
+    except RequestError as err:
+        raise _fail(str(err)) from None
+    for i, (req, res) in enumerate(zip(requests, results, strict=True)):
+        if as_json:
+            typer.echo(json.dumps({"request": i, **res.as_dict()}))
+            continue
+        typer.echo(f"== request {i}: history {req['history']}")
+        if rec.reasoning:
+            typer.echo(f"reasoning ({res.reasoning_tokens} tokens): {res.reasoning}")
+        for rank, item in enumerate(res.items, start=1):
+            typer.echo(f"{rank:3d}. [{item.item_id}] {item.title} ({item.parent_asin})  score {item.score:.3f}")
+
+
+def _updated(params: str, root: str, method: str, out: Path | None, change: Any) -> None:
+    from rrec.serve.recommend import Recommender, serving_dir
+
+    p, paths = _project(params, root)
+    target = out if out is not None else serving_dir(paths, method)
+    try:
+        rec = Recommender.from_dir(p, paths, method, updates=target)
+        update = change(rec)
+    except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:
+        raise _fail(str(err).strip("'\"")) from None
+    rec.save(target)
+    typer.echo(json.dumps({**update.as_dict(), "n_items": rec.n_items,
+                           "n_removed": rec.catalogue.n_removed, "saved_to": str(target)}))
+
+
+@catalogue_app.command("add")
+def catalogue_add(
+    meta: Annotated[Path, typer.Option("--meta", help="Amazon 2023 metadata lines (.jsonl or .jsonl.gz)")],
+    method: MethodOpt = "recpo",
+    out: Annotated[Path | None, typer.Option("--out", help="default models/serving/<method>/")] = None,
+    params: ParamsOpt = "params.yaml",
+    root: RootOpt = ".",
+) -> None:
+    """Add items (new parent_asin) or replace them (known parent_asin), cleaned like the window stage."""
+    from rrec.serve.catalogue import add_items_from_file
+
+    _updated(params, root, method, out, lambda rec: add_items_from_file(rec, meta))
+
+
+@catalogue_app.command("remove")
+def catalogue_remove(
+    asin: Annotated[list[str], typer.Option("--asin", help="parent_asin to remove; repeatable")],
+    method: MethodOpt = "recpo",
+    out: Annotated[Path | None, typer.Option("--out", help="default models/serving/<method>/")] = None,
+    params: ParamsOpt = "params.yaml",
+    root: RootOpt = ".",
+) -> None:
+    """Stop recommending items (their ids and rows stay, masked)."""
+    from rrec.serve.catalogue import remove_items
+
+    _updated(params, root, method, out, lambda rec: remove_items(rec, asin))
+
+
+@app.command("log-model")
+def log_model(
+    method: MethodOpt = "recpo",
+    register: Annotated[bool, typer.Option("--register", help="register as rrec-<category>")] = False,
+    params: ParamsOpt = "params.yaml",
+    root: RootOpt = ".",
+) -> None:
+    """Log the trained model (with its catalogue updates) as an MLflow pyfunc model."""
+    from rrec.registry import model_name
+    from rrec.serve.pyfunc import log_pyfunc
+
+    p, paths = _project(params, root)
+    try:
+        uri = log_pyfunc(p, paths, method, model_name(p.data.category) if register else None)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(uri)
+
+
+if __name__ == "__main__":
+    app()

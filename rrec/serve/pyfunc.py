@@ -1,0 +1,222 @@
+"""The recommender as an MLflow `python_function` model.
+
+Artifacts (copied into the model by MLflow): `backbone` (the tiny backbone's directory, or
+for a Hub / local-path backbone the directory holding its `backbone.json` reference, whose
+weights then load from the HF cache or that path), `adapter`, `tokenizer`, `item_table`,
+`catalogue` (items Parquet, with the removed flags of catalogue updates), `params` (the
+validated params as YAML) and `summary` (train_summary.json). `load_context` builds a
+`Recommender` from them.
+
+Input: a DataFrame (REST `{"dataframe_records": [...]}` or `"dataframe_split"`), a list
+of objects (`{"inputs": [...]}`) or one object, each with a `history` (item ids, or
+objects with item_id | parent_asin | title, rating, timestamp in ms), optional `k`
+(default 10) and optional `now` (ms). Output: one object per input,
+`{"reasoning": str, "items": [{"item_id", "parent_asin", "title", "score"}, ...]}`.
+
+A request that cannot be served (unknown item, empty history, malformed body) raises an
+`MlflowException` with `INVALID_PARAMETER_VALUE`, which `mlflow models serve` answers
+with HTTP 400 and the message.
+
+Serve a registered version with
+`mlflow models serve -m models:/rrec-<category>@champion --env-manager local -h 127.0.0.1 -p PORT`
+from an environment where `rrec` is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from rrec import tracking
+from rrec.config import Params, load_params
+from rrec.paths import Paths
+from rrec.serve.recommend import DEFAULT_K, Recommender, RequestError, serving_files
+from rrec.train.policy import ADAPTER_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
+
+MODEL_NAME = "recommender"
+REQUEST_KEYS = ("history", "k", "now")
+_REQUIREMENTS = (
+    "mlflow", "torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors",
+    "pandas", "pyarrow", "duckdb", "pydantic", "pyyaml", "tqdm",
+)
+
+
+def _bad(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def request_rows(model_input: Any) -> list[dict[str, Any]]:
+    """The requests in a pyfunc input (DataFrame, list of objects or one object)."""
+    if isinstance(model_input, pd.DataFrame):
+        rows = model_input.to_dict(orient="records")
+    elif isinstance(model_input, Mapping):
+        rows = [dict(model_input)]
+    elif isinstance(model_input, list):
+        rows = model_input
+    else:
+        raise _bad(
+            f"the input must be a list of objects with a 'history' field, got "
+            f"{type(model_input).__name__}; send {{\"dataframe_records\": [{{\"history\": [12, 40], \"k\": 10}}]}}"
+        )
+    if not rows:
+        raise _bad("the input holds no requests; send at least one object with a 'history' field")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise _bad(f"request {i}: must be an object with a 'history' field, got {row!r}")
+        unknown = sorted(set(map(str, row)) - set(REQUEST_KEYS))
+        if unknown:
+            raise _bad(f"request {i}: unknown field(s) {unknown}; the fields are {list(REQUEST_KEYS)}")
+        if _missing(row.get("history")):
+            raise _bad(f"request {i}: no 'history' field (a list of item ids or of objects)")
+        out.append({key: row.get(key) for key in REQUEST_KEYS})
+    return out
+
+
+class RecommenderModel(mlflow.pyfunc.PythonModel):
+    """`python_function` wrapper around `Recommender` (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.recommender: Recommender | None = None
+
+    def load_context(self, context: Any) -> None:
+        a = context.artifacts
+        params = load_params(a["params"])
+        self.recommender = Recommender.from_parts(
+            params,
+            backbone_dir=Path(a["backbone"]),
+            adapter_dir=Path(a["adapter"]),
+            table_dir=Path(a["item_table"]),
+            catalogue_file=Path(a["catalogue"]),
+            summary_file=Path(a["summary"]),
+            tokenizer_dir=Path(a["tokenizer"]),
+        )
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        if self.recommender is None:
+            raise RuntimeError("the model was not loaded (load it with mlflow.pyfunc.load_model)")
+        rows = request_rows(model_input)
+        try:
+            recs = self.recommender.recommend(
+                [r["history"] for r in rows],
+                k=[DEFAULT_K if _missing(r["k"]) else r["k"] for r in rows],
+                now_ms=[None if _missing(r["now"]) else r["now"] for r in rows],
+            )
+        except RequestError as err:
+            raise _bad(str(err)) from err
+        return [r.as_dict() for r in recs]
+
+
+# ------------------------------------------------------------------- logging
+
+
+def _requirements() -> list[str]:
+    out = []
+    for name in _REQUIREMENTS:
+        try:
+            out.append(f"{name}=={importlib_metadata.version(name)}")
+        except importlib_metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def _artifacts(params: Params, paths: Paths, method: str, updates: Path | None, tmp: Path) -> dict[str, str]:
+    trained = paths.trained(method)
+    table_dir, catalogue_file = serving_files(paths, method, updates)
+    params_file = tmp / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    artifacts = {
+        "backbone": paths.backbone,
+        "adapter": trained / ADAPTER_DIR,
+        "tokenizer": trained / TOKENIZER_DIR,
+        "item_table": table_dir,
+        "catalogue": catalogue_file,
+        "params": params_file,
+        "summary": trained / TRAIN_SUMMARY,
+    }
+    for name, path in artifacts.items():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: needed for the model's {name!r} artifact; run the train stage first")
+    return {k: str(v) for k, v in artifacts.items()}
+
+
+def save_pyfunc(params: Params, paths: Paths, method: str, out_dir: Path, *, updates: Path | None = None) -> Path:
+    """Write the MLflow model to a local directory (no tracking server involved)."""
+    with tempfile.TemporaryDirectory(prefix="rrec-pyfunc-") as tmp:
+        mlflow.pyfunc.save_model(
+            path=str(out_dir),
+            python_model=RecommenderModel(),
+            artifacts=_artifacts(params, paths, method, updates, Path(tmp)),
+            pip_requirements=_requirements(),
+            metadata={"rrec_method": method, "category": params.data.category},
+        )
+    return Path(out_dir)
+
+
+def _run_exists(run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def log_pyfunc(
+    params: Params,
+    paths: Paths,
+    method: str,
+    registered_model_name: str | None = None,
+    *,
+    run_id: str | None = None,
+    updates: Path | None = None,
+) -> str:
+    """Log the trained `method` (with its catalogue updates, if any) as an MLflow model and
+    return its URI: `models:/<name>/<version>` when `registered_model_name` is given (use
+    `rrec.registry.model_name(category)` for `rrec-<category>`), else `models:/<model id>`.
+
+    It goes into `run_id`, else into the method's training run (so a registered version
+    carries the run's test metrics, which `rrec.registry.promote_if_better` compares),
+    else into a new run of the `serve` stage."""
+    tracking.configure(paths.root)
+    if run_id is None:
+        summary = json.loads((paths.trained(method) / TRAIN_SUMMARY).read_text())
+        run_id = summary.get("mlflow_run_id") if _run_exists(summary.get("mlflow_run_id")) else None
+    with tempfile.TemporaryDirectory(prefix="rrec-pyfunc-") as tmp:
+        artifacts = _artifacts(params, paths, method, updates, Path(tmp))
+        run_cm = (
+            mlflow.start_run(run_id=run_id)
+            if run_id is not None
+            else tracking.start_run(params, "serve", run_name=f"serve-{method}",
+                                    tags={"rrec.served_method": method}, root=paths.root)
+        )
+        with run_cm:
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=RecommenderModel(),
+                artifacts=artifacts,
+                pip_requirements=_requirements(),
+                metadata={"rrec_method": method, "category": params.data.category},
+                registered_model_name=registered_model_name,
+            )
+    if registered_model_name is not None and info.registered_model_version is not None:
+        return f"models:/{registered_model_name}/{info.registered_model_version}"
+    return info.model_uri
