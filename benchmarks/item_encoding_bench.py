@@ -18,6 +18,7 @@ prompts worded like the real ones.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -151,8 +152,10 @@ def main() -> None:
         best["naive"] = max(best["naive"], k / timed(naive))
         best["ceiling"] = max(best["ceiling"], n / timed(ceiling))
 
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"device: {device} ({torch.get_num_threads()} CPU threads)  model: {model_source}  prompts: {source}"
+        f"device: {device} ({torch.get_num_threads()} CPU threads, load average {load} "
+        f"on {os.cpu_count()} CPUs)  model: {model_source}  prompts: {source}"
     )
     print(
         f"items: {n}  tokens/item: mean {mean_len}, min {min(lengths)}, max {max(lengths)}  "

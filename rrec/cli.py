@@ -124,7 +124,7 @@ def recommend(
             continue
         typer.echo(f"== request {i}: history {req['history']}")
         if rec.reasoning:
-            typer.echo(f"reasoning ({res.reasoning_tokens} tokens): {res.reasoning}")
+            typer.echo(f"reasoning ({res.reasoning_tokens} tokens): {res.reasoning.strip()}")
         for rank, item in enumerate(res.items, start=1):
             typer.echo(f"{rank:3d}. [{item.item_id}] {item.title} ({item.parent_asin})  score {item.score:.3f}")
 

@@ -116,14 +116,14 @@ class TinyBackboneParams(_Strict):
     """The embedded default backbone: a small Qwen2-style decoder built offline."""
 
     vocab_size: int = Field(4096, ge=300)
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(4, ge=1)
+    hidden_size: int = Field(96, ge=8)
+    num_layers: int = Field(3, ge=1)
     num_heads: int = Field(4, ge=1)
     num_kv_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(384, ge=8)
+    intermediate_size: int = Field(256, ge=8)
     max_position: int = Field(2048, ge=64)
-    pretrain_steps: int = Field(400, ge=0)
-    pretrain_time_budget_s: float = Field(240.0, gt=0)
+    pretrain_steps: int = Field(300, ge=0)
+    pretrain_time_budget_s: float = Field(150.0, gt=0)
     pretrain_batch_size: int = Field(8, ge=1)
     pretrain_seq_len: int = Field(256, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0)
@@ -176,7 +176,7 @@ class RolloutParams(_Strict):
     group_size: int = Field(4, ge=1)
     temperature: float = Field(1.5, gt=0)
     top_k: int = Field(200, ge=0)
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
 
 
 class RecPOParams(_Strict):
@@ -195,16 +195,16 @@ class TrainParams(_Strict):
     seed: int = 0
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(32, ge=0)
-    batch_size: int = Field(24, ge=2)
-    micro_batch_size: int = Field(24, ge=1)
+    warmup_steps: int = Field(10, ge=0)
+    batch_size: int = Field(16, ge=2)
+    micro_batch_size: int = Field(32, ge=1)
     epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    eval_every: int = Field(50, ge=1)
-    eval_max_users: int | None = Field(256, ge=1)
+    max_steps: int | None = Field(60, ge=1)
+    eval_every: int = Field(20, ge=1)
+    eval_max_users: int | None = Field(128, ge=1)
     patience: int = Field(3, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
     eval_samples: int = Field(8, ge=0)
     rollout: RolloutParams = RolloutParams()
     recpo: RecPOParams = RecPOParams()
@@ -222,8 +222,8 @@ class TrainParams(_Strict):
 
 class EvaluateParams(_Strict):
     ks: list[int] = [5, 10, 20]
-    batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
     max_users: int | None = Field(None, ge=1)
 
     @field_validator("ks")

@@ -44,6 +44,7 @@ from rrec.model.backbone import (
     build_tiny_model,
     read_prompt_messages,
 )
+from rrec.model.pretrain import pack
 from rrec.model.tokenizer import (
     CHAT_TEMPLATE,
     EOS,
@@ -173,6 +174,29 @@ def test_pretraining_lowers_heldout_perplexity(built: tuple[Params, Paths, dict[
     # 5 % of 48 items + 96 train users held out; valid/test prompts never used
     assert metrics["n_heldout_texts"] == round(0.05 * 144)
     assert metrics["n_train_texts"] + metrics["n_heldout_texts"] == 144
+
+
+def test_pack_known_answer() -> None:
+    blocks = pack([[1, 2, 3], [4, 5]], seq_len=4, eos_id=9, pad_id=0, unlearned_ids=[3])
+    assert blocks.input_ids.tolist() == [[1, 2, 3, 9], [4, 5, 9, 0]]
+    assert blocks.labels.tolist() == [[1, 2, -100, 9], [4, 5, 9, -100]]
+    assert blocks.n_tokens == 4  # predicted positions: 2, 9 | 5, 9
+    masked = pack([[1, 2, 3], [4, 5]], seq_len=4, eos_id=9, pad_id=0, unlearned_ids=[3, 9])
+    assert masked.labels.tolist() == [[1, 2, -100, -100], [4, 5, -100, -100]]
+
+
+def test_pretrained_model_writes_after_the_assistant_header(rec: RecModel) -> None:
+    """Neither end-of-text nor <answer> is learned after the opened assistant turn, so
+    generation does not stop before any reasoning is written (learning the eos there
+    gives it p ~ 0.1 on this fixture; uniform would be 1/500)."""
+    convs = [
+        [{"role": "user", "content": "History, oldest first:\n2d 1.0h ago: [Fast Cars 4] (5.0)"}]
+    ]
+    ids = torch.tensor(rec.user_prompt_ids(convs))
+    with torch.no_grad():
+        p = rec.lm(input_ids=ids).logits[0, -1].softmax(-1)
+    assert float(p[rec.tokenizer.eos_token_id]) < 0.01
+    assert float(p[rec.answer_token_id]) < 0.01
 
 
 def test_tiny_build_is_deterministic(tmp_path: Path) -> None:

@@ -162,10 +162,12 @@ class Catalogue:
 # ------------------------------------------------------------------ cleaning
 
 
-def clean_meta_file(path: Path, max_title_words: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def clean_meta_file(
+    path: Path, max_title_words: int
+) -> tuple[list[dict[str, Any]], dict[str, int], int]:
     """Clean an Amazon 2023 metadata file (JSONL, optionally gzipped) with the window stage's
     rules; returns the kept items (ITEMS columns but item_id / n_interactions, in file order)
-    and the drop counts per reason (plus `malformed` and `lines`).
+    and the drop counts per reason (with `malformed`) and the number of lines read.
 
     This runs the same DuckDB code as `rrec.data.window` (its metadata reader, its item
     validity rules and its items query), so a served item is cleaned exactly like a
@@ -186,13 +188,13 @@ def clean_meta_file(path: Path, max_title_words: int) -> tuple[list[dict[str, An
             "(row_number() OVER (ORDER BY line_no) - 1)::INTEGER AS item_id, "
             "0::BIGINT AS n_interactions FROM meta_valid"
         )
-        rows = con.sql(window._ITEMS_QUERY).arrow().to_pylist()
+        rows = con.sql(window._ITEMS_QUERY).to_arrow_table().to_pylist()
     finally:
         con.close()
     for row in rows:
         row.pop("item_id")
         row.pop("n_interactions")
-    return rows, {**drops, "malformed": int(malformed), "lines": int(lines)}
+    return rows, {**drops, "malformed": int(malformed)}, int(lines)
 
 
 # -------------------------------------------------------------------- updates
@@ -200,15 +202,17 @@ def clean_meta_file(path: Path, max_title_words: int) -> tuple[list[dict[str, An
 
 @dataclass
 class CatalogueUpdate:
-    """What an update did: ids added (new parent_asin), replaced, removed; lines dropped."""
+    """What an update did: ids added (new parent_asin), replaced, removed; metadata lines
+    read and dropped (per reason, the window stage's reasons)."""
 
+    lines: int = 0
     added: list[int] = field(default_factory=list)
     replaced: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"added": self.added, "replaced": self.replaced, "removed": self.removed,
+        return {"lines": self.lines, "added": self.added, "replaced": self.replaced, "removed": self.removed,
                 "dropped": {k: v for k, v in self.dropped.items() if v}}
 
 
@@ -240,10 +244,10 @@ def add_items_from_file(recommender: Recommender, path: Path) -> CatalogueUpdate
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: metadata file not found")
-    rows, dropped = clean_meta_file(path, recommender.params.data.window.max_title_words)
-    if dropped["lines"] == 0:
+    rows, dropped, lines = clean_meta_file(path, recommender.params.data.window.max_title_words)
+    if lines == 0:
         raise ValueError(f"{path}: holds no metadata lines")
-    update = CatalogueUpdate(dropped=dropped)
+    update = CatalogueUpdate(lines=lines, dropped=dropped)
     if not rows:
         return update
     table_rows = encode_item_rows(recommender, rows)

@@ -45,6 +45,7 @@ from rrec.serve.recommend import DEFAULT_K, Recommender, RequestError, serving_f
 from rrec.train.policy import ADAPTER_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
 
 MODEL_NAME = "recommender"
+MODEL_CODE = Path(__file__).with_name("model_code.py")
 REQUEST_KEYS = ("history", "k", "now")
 _REQUIREMENTS = (
     "mlflow", "torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors",
@@ -162,7 +163,7 @@ def save_pyfunc(params: Params, paths: Paths, method: str, out_dir: Path, *, upd
     with tempfile.TemporaryDirectory(prefix="rrec-pyfunc-") as tmp:
         mlflow.pyfunc.save_model(
             path=str(out_dir),
-            python_model=RecommenderModel(),
+            python_model=str(MODEL_CODE),
             artifacts=_artifacts(params, paths, method, updates, Path(tmp)),
             pip_requirements=_requirements(),
             metadata={"rrec_method": method, "category": params.data.category},
@@ -211,7 +212,7 @@ def log_pyfunc(
         with run_cm:
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
-                python_model=RecommenderModel(),
+                python_model=str(MODEL_CODE),
                 artifacts=artifacts,
                 pip_requirements=_requirements(),
                 metadata={"rrec_method": method, "category": params.data.category},

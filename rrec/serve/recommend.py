@@ -440,17 +440,35 @@ class Recommender:
             convs.append(self.conversation(p, now))
             ks_clean.append(kk)
 
+        states, reasoning_ids = self.user_states(convs, progress=progress)
+        return self.rank(states, reasoning_ids, [x.item_ids for x in parsed], ks_clean)
+
+    def user_states(
+        self, conversations: Sequence[Sequence[dict[str, str]]], *, progress: bool = False
+    ) -> tuple[torch.Tensor, list[list[int]]]:
+        """User states [N, d] and reasoning token ids: greedy generation, the state read at
+        `<answer>` in the same pass (or at `<answer>` after the prompt without reasoning)."""
         p = self.params
-        states, reasoning_ids = policy_user_states(
-            self.model, convs, reasoning=self.reasoning, max_new_tokens=p.evaluate.max_new_tokens,
-            batch_size=p.evaluate.batch_size, progress=progress,
+        return policy_user_states(
+            self.model, conversations, reasoning=self.reasoning,
+            max_new_tokens=p.evaluate.max_new_tokens, batch_size=p.evaluate.batch_size,
+            progress=progress,
         )
+
+    def rank(
+        self,
+        states: torch.Tensor,
+        reasoning_ids: Sequence[list[int]],
+        histories: Sequence[Sequence[int]],
+        ks: Sequence[int],
+    ) -> list[Recommendation]:
+        """Top-k of every item but the history's and the removed ones, per user state."""
         scores = score(states, self.table, self.model.tau)
-        scores = mask_history(scores, pad_histories([x.item_ids for x in parsed]))
+        scores = mask_history(scores, pad_histories(histories))
         scores[:, self.catalogue.removed_mask()] = float("-inf")
-        top = scores.topk(min(max(ks_clean), scores.shape[1]), dim=1)
+        top = scores.topk(min(max(ks), scores.shape[1]), dim=1)
         out = []
-        for row in range(n):
+        for row in range(len(histories)):
             items = [
                 RecommendedItem(
                     item_id=int(j),
@@ -460,7 +478,7 @@ class Recommender:
                 )
                 for s, j in zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True)
                 if math.isfinite(s)
-            ][: ks_clean[row]]
+            ][: ks[row]]
             text, n_tokens = self._reasoning_text(reasoning_ids[row])
             out.append(Recommendation(reasoning=text, items=items, reasoning_tokens=n_tokens))
         return out
@@ -468,4 +486,4 @@ class Recommender:
     def _reasoning_text(self, ids: list[int]) -> tuple[str, int]:
         if ids and ids[-1] == self.model.answer_token_id:
             ids = ids[:-1]
-        return self.model.tokenizer.decode(ids, skip_special_tokens=False).strip(), len(ids)
+        return self.model.tokenizer.decode(ids, skip_special_tokens=False), len(ids)

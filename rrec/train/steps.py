@@ -86,7 +86,8 @@ class StepContext:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        # DeepSpeed clips inside its engine and reports no norm here
+        return float("nan") if grad_norm is None else float(grad_norm)
 
     def mean(self, value: torch.Tensor | float) -> float:
         t = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).detach()

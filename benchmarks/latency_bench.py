@@ -1,0 +1,163 @@
+"""Per-request latency of the unified R²ec model against a two-stage pipeline (paper, Appendix G).
+
+- unified: the policy writes its reasoning greedily and the user state is read at
+  `<answer>` by ONE cached decoder step on top of the generation's KV cache
+  (`rrec.train.rollout.HFEngine`, what `rrec.serve.Recommender` runs);
+- two-stage: the same LM writes the same reasoning with the same generation code, then a
+  SECOND full forward pass encodes prompt + reasoning + `<answer>` to get the user state
+  (an LM writes a profile, a second pass encodes it for retrieval).
+
+Both see the same prompts (the test split's user prompts), the same `max_new_tokens` and
+greedy decoding, in batches of 1, 4 and 8 requests over `--queries` queries (the last
+batch wraps around to the first queries). A request's latency is the wall time of its
+batch. Each batch is timed for both pipelines, alternating which goes first. The script
+also checks that both pipelines wrote the same reasoning and read the same user state.
+
+    python benchmarks/latency_bench.py [--root .] [--method recpo] [--queries 100] \
+        [--batch-sizes 1 4 8] [--max-new-tokens N] [--threads 1]
+
+Target: unified >= 1.25x faster at batch size 1 and never slower at 4 and 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rrec.config import load_params
+from rrec.evaluate import load_user_prompts
+from rrec.model.wrapper import RecModel
+from rrec.paths import Paths
+from rrec.serve.recommend import Recommender
+from rrec.train.rollout import HFEngine
+
+Batch = list[list[int]]
+
+
+class GenerateOnly(HFEngine):
+    """HFEngine's generation without its cached `<answer>` step (the two-stage pipeline's
+    first stage): identical decoding, no user state."""
+
+    @staticmethod
+    def _answer_step(model: RecModel, mask: Any, generated: Any, n_reason: Any, cache: Any) -> torch.Tensor:
+        return torch.empty(generated.shape[0], 0)
+
+
+def unified(model: RecModel, max_new_tokens: int) -> Callable[[Batch], tuple[torch.Tensor, Batch]]:
+    engine = HFEngine(temperature=1.0, top_k=0, max_new_tokens=max_new_tokens)
+
+    def run(batch: Batch) -> tuple[torch.Tensor, Batch]:
+        roll = engine.generate(model, batch, greedy=True)
+        return roll.user_states, roll.reasoning_ids
+
+    return run
+
+
+def two_stage(model: RecModel, max_new_tokens: int) -> Callable[[Batch], tuple[torch.Tensor, Batch]]:
+    engine = GenerateOnly(temperature=1.0, top_k=0, max_new_tokens=max_new_tokens)
+
+    def run(batch: Batch) -> tuple[torch.Tensor, Batch]:
+        roll = engine.generate(model, batch, greedy=True)
+        states = model.encode(roll.sequences(model.answer_token_id)).float().cpu()
+        return states, roll.reasoning_ids
+
+    return run
+
+
+def batches(prompts: Sequence[list[int]], size: int) -> list[Batch]:
+    n = len(prompts)
+    return [[list(prompts[(s + j) % n]) for j in range(size)] for s in range(0, n, size)]
+
+
+def timed(fn: Callable[[Batch], tuple[torch.Tensor, Batch]], batch: Batch) -> tuple[float, torch.Tensor, Batch]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    states, reasoning = fn(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, states, reasoning
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="relative to --root")
+    ap.add_argument("--method", default="recpo")
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: evaluate.max_new_tokens")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed batches per pipeline first")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = load_params(args.root / args.params)
+    paths = Paths(args.root)
+    rec = Recommender.from_dir(params, paths, args.method, device=args.device)
+    if not rec.reasoning:
+        raise SystemExit(f"method {args.method!r} was trained without reasoning; benchmark a recpo model")
+    max_new = args.max_new_tokens or params.evaluate.max_new_tokens
+    users = load_user_prompts(paths, "test").head(args.queries)
+    prompts = rec.model.user_prompt_ids(users.conversations)
+    pipelines = {"unified": unified(rec.model, max_new), "two-stage": two_stage(rec.model, max_new)}
+    print(
+        f"{args.method} model, backbone {params.model.backbone!r}, device {args.device}, "
+        f"{torch.get_num_threads()} CPU threads; {len(prompts)} queries, prompt length "
+        f"{statistics.mean(map(len, prompts)):.0f} tokens on average, max_new_tokens {max_new}, greedy"
+    )
+
+    rows = []
+    worst_state, same_text = 0.0, True
+    with torch.no_grad():
+        for size in args.batch_sizes:
+            work = batches(prompts, size)
+            for fn in pipelines.values():
+                for b in work[: args.warmup]:
+                    fn(b)
+            times: dict[str, list[float]] = {name: [] for name in pipelines}
+            lengths: list[int] = []
+            for i, b in enumerate(tqdm(work, desc=f"batch size {size}", unit="batch", leave=False)):
+                order = list(pipelines) if i % 2 == 0 else list(reversed(pipelines))
+                out = {}
+                for name in order:
+                    seconds, states, reasoning = timed(pipelines[name], b)
+                    times[name].append(seconds)
+                    out[name] = (states, reasoning)
+                (s_u, r_u), (s_t, r_t) = out["unified"], out["two-stage"]
+                same_text &= r_u == r_t
+                cos = torch.nn.functional.cosine_similarity(s_u.float(), s_t.float(), dim=-1)
+                worst_state = max(worst_state, float((1 - cos).abs().max()))
+                lengths += [len(r) for r in r_u]
+            rows.append((size, times, statistics.mean(lengths)))
+
+    print()
+    print(f"{'batch':>5} | {'unified ms/request':>20} | {'two-stage ms/request':>20} | {'two-stage/unified':>17} | reasoning tokens")
+    print("-" * 90)
+    ok = True
+    for size, times, mean_len in rows:
+        u = [t * 1000 for t in times["unified"]]
+        t2 = [t * 1000 for t in times["two-stage"]]
+        ratio = statistics.mean(t2) / statistics.mean(u)
+        ok &= ratio >= (1.25 if size == 1 else 1.0)
+        sd = statistics.stdev if len(u) > 1 else (lambda _: 0.0)
+        print(
+            f"{size:>5} | {statistics.mean(u):>10.1f} ± {sd(u):>7.1f} | {statistics.mean(t2):>10.1f} ± {sd(t2):>7.1f} "
+            f"| {ratio:>16.2f}x | {mean_len:.1f}"
+        )
+    print()
+    print(f"same reasoning from both pipelines: {same_text}; largest 1 - cos(h_unified, h_two_stage): {worst_state:.2e}")
+    print(f"target (>= 1.25x at batch 1, >= 1.0x at larger batches): {'met' if ok else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Load test of the served recommender (`mlflow models serve`).
+
+Starts `mlflow models serve --env-manager local` on 127.0.0.1 (a free port) for the
+project's trained model, saved to a temporary directory as an MLflow model (or serves
+`--model-uri`, e.g. `models:/rrec-Video_Games@champion`), or takes the `--url` of a
+running server. Then `--clients` concurrent clients each send `--requests` requests one
+after the other (the histories of the test split, round robin), and the script prints the
+errors, the latency percentiles and the throughput, and stops the server it started (by
+its process group id). It stops by itself: the number of requests is fixed and every
+request has a timeout.
+
+    python benchmarks/load_test.py [--root .] [--method recpo] [--clients 8] [--requests 50]
+    python benchmarks/load_test.py --url http://127.0.0.1:5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+from tqdm.auto import tqdm
+
+from rrec.config import load_params
+from rrec.evaluate import load_user_prompts
+from rrec.paths import Paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+@contextmanager
+def mlflow_server(model_uri: str, workers: int, log_file: Path, start_timeout: float) -> Iterator[str]:
+    """`mlflow models serve` in its own process group; yields its URL once /ping answers."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + start_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"mlflow models serve exited ({proc.returncode}):\n{_tail(log_file)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"mlflow models serve did not answer /ping in {start_timeout:.0f} s:\n{_tail(log_file)}"
+                    )
+                try:
+                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                time.sleep(0.5)
+            print(f"server pid {proc.pid} answering at {url}", flush=True)
+            yield url
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            print(f"server pid {proc.pid} stopped", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def run_load(url: str, histories: list[list[int]], clients: int, per_client: int, k: int, timeout: float) -> None:
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    lock = threading.Lock()
+    bar = tqdm(total=clients * per_client, desc="requests", unit="req")
+
+    def client(c: int) -> None:
+        with requests.Session() as session:
+            for i in range(per_client):
+                history = histories[(c * per_client + i) % len(histories)]
+                body = {"dataframe_records": [{"history": history, "k": k}]}
+                start = time.perf_counter()
+                try:
+                    r = session.post(f"{url}/invocations", json=body, timeout=timeout)
+                    ok = r.status_code == 200 and len(r.json()["predictions"][0]["items"]) == k
+                    problem = None if ok else f"HTTP {r.status_code}: {r.text[:200]}"
+                except (requests.RequestException, ValueError, KeyError, IndexError) as err:
+                    problem = f"{type(err).__name__}: {err}"[:200]
+                seconds = time.perf_counter() - start
+                with lock:
+                    if problem is None:
+                        latencies.append(seconds)
+                    else:
+                        errors[problem] += 1
+                    bar.update(1)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    bar.close()
+
+    total = clients * per_client
+    print(f"\n{clients} clients x {per_client} requests = {total} requests in {wall:.1f} s")
+    print(f"errors: {sum(errors.values())}")
+    for message, n in errors.most_common(5):
+        print(f"  {n} x {message}")
+    if latencies:
+        ms = [s * 1000 for s in latencies]
+        print(f"latency ms: p50 {percentile(ms, 50):.0f}, p90 {percentile(ms, 90):.0f}, "
+              f"p99 {percentile(ms, 99):.0f}, mean {statistics.mean(ms):.0f}, max {max(ms):.0f}")
+        print(f"throughput: {len(latencies) / wall:.2f} requests/s")
+    if errors:
+        raise SystemExit(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server; none is started")
+    ap.add_argument("--model-uri", help="serve this MLflow model (default: the project's, saved to a temp dir)")
+    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="relative to --root")
+    ap.add_argument("--method", default="recpo")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=50, help="per client")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=1, help="server worker processes")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    ap.add_argument("--start-timeout", type=float, default=180.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    paths = Paths(args.root)
+    histories = [h for h in load_user_prompts(paths, "test").histories if h]
+    random.Random(args.seed).shuffle(histories)
+    if args.url:
+        run_load(args.url.rstrip("/"), histories, args.clients, args.requests, args.k, args.timeout)
+        return
+    with tempfile.TemporaryDirectory(prefix="rrec-load-") as tmp:
+        model_uri = args.model_uri
+        if model_uri is None:
+            from rrec.serve.pyfunc import save_pyfunc
+
+            params = load_params(args.root / args.params)
+            model_uri = str(save_pyfunc(params, paths, args.method, Path(tmp) / "model"))
+        with mlflow_server(model_uri, args.workers, Path(tmp) / "server.log", args.start_timeout) as url:
+            run_load(url, histories, args.clients, args.requests, args.k, args.timeout)
+
+
+if __name__ == "__main__":
+    main()
