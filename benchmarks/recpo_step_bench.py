@@ -1,12 +1,15 @@
 """One RecPO step against one GRPO step of TRL's `GRPOTrainer`, same backbone, same batch.
 
     python benchmarks/recpo_step_bench.py [--project DIR] [--batch 8] [--group 4]
-        [--max-new-tokens 32] [--steps 5] [--warmup 1] [--threads 2]
+        [--max-new-tokens 32] [--steps 5] [--warmup 1] [--threads 1]
+        [--order interleaved] [--json OUT.json]
 
-Both sides run in this one process, one after the other (`--order`), with the same
-number of torch threads, on the same tiny backbone, the same LoRA adapter
-configuration (`rrec.model.lora.lora_config(params.model.lora)`), the same B users per
-step (step k uses train examples k*B .. k*B+B-1 for both), G samples per user, the same
+Both sides run in this one process with the same number of torch threads; by default
+(`--order interleaved`) RecPO step k runs right after TRL step k, from TRL's
+`on_step_end` callback and outside TRL's clock, so that the two see the same load on a
+shared machine (`recpo-first` / `trl-first` run them one block after the other). Both
+use the same tiny backbone, the same LoRA adapter configuration
+(`rrec.model.lora.lora_config(params.model.lora)`), the same B users per step (step k uses train examples k*B .. k*B+B-1 for both), G samples per user, the same
 maximum new tokens, temperature, top-k, stop tokens, learning rate, scheduler and
 gradient clipping. A step is what one optimiser update costs end to end:
 
@@ -55,7 +58,7 @@ the rest of the step.
 The project is `--project DIR` when given (e.g. `/work/main` once its `models/backbone`
 and `models/item_table` exist); otherwise a tiny project is built in a temporary folder
 with the same stage functions as `tests/conftest.py` (embedded sample data, the
-committed tiny architecture, a pretraining budget of a few seconds), kept when
+committed tiny architecture, 20 pretraining steps: about 15 s), kept when
 `--build-into DIR` names the folder.
 """
 
@@ -68,7 +71,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +96,9 @@ BUILD_OVERRIDES: dict[str, Any] = {
     "data.window.max_history": 5,
     "data.window.max_malformed_share": 0.05,
     "model.tiny.pretrain_steps": 20,
-    "model.tiny.pretrain_time_budget_s": 30.0,
+    # a cap only: 20 steps take seconds, and a budget that cut them short would make the
+    # backbone (and so the completion lengths) depend on the machine's load
+    "model.tiny.pretrain_time_budget_s": 600.0,
     "items.batch_size": 64,
     "items.chunk_size": 64,
 }
@@ -108,7 +113,9 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set {pair!r}: expected dotted.key=value, e.g. model.tiny.pretrain_steps=50")
+            raise SystemExit(
+                f"--set {pair!r}: expected dotted.key=value, e.g. model.tiny.pretrain_steps=50"
+            )
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -123,7 +130,9 @@ def build_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]
 
     root.mkdir(parents=True, exist_ok=True)
     params = load_params(ROOT / "params.yaml", {**BUILD_OVERRIDES, **overrides})
-    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+    )
     paths = Paths(root)
     stages = [run_download, run_window, run_prompts, build_backbone, run_items]
     for stage in tqdm(stages, desc="building the tiny project", unit="stage"):
@@ -139,11 +148,17 @@ def open_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]:
     params = load_params(params_file, overrides)
     missing = [
         str(p)
-        for p in (paths.backbone / "config.json", paths.item_table, paths.user_prompts_file("train"))
+        for p in (
+            paths.backbone / "config.json",
+            paths.item_table,
+            paths.user_prompts_file("train"),
+        )
         if not p.exists()
     ]
     if params.model.backbone != "tiny":
-        raise SystemExit(f"{params_file}: model.backbone is {params.model.backbone!r}; this benchmark is for the tiny backbone")
+        raise SystemExit(
+            f"{params_file}: model.backbone is {params.model.backbone!r}; this benchmark is for the tiny backbone"
+        )
     if missing:
         raise SystemExit(
             f"--project {root}: missing {', '.join(missing)}; run `dvc repro items` there first "
@@ -154,13 +169,22 @@ def open_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]:
 
 def bench_params(params: Params, args: argparse.Namespace) -> Params:
     """The run's settings on top of the project's params."""
+    per_step = args.batch * args.group
+    micro = args.micro_batch or per_step
+    if micro < 1 or per_step % micro:
+        raise SystemExit(
+            f"--micro-batch {micro} must divide B*G = {per_step} (TRL accumulates whole micro-batches)"
+        )
     tree = params.model_dump(mode="json")
     train = tree["train"]
     train["batch_size"] = args.batch
-    train["micro_batch_size"] = args.micro_batch or args.batch * args.group
+    train["micro_batch_size"] = micro
     train["rollout"].update(
-        engine="hf", group_size=args.group, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k,
+        engine="hf",
+        group_size=args.group,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
     )
     return Params.model_validate(tree)
 
@@ -168,7 +192,9 @@ def bench_params(params: Params, args: argparse.Namespace) -> Params:
 def step_batches(n_train: int, batch: int, steps: int) -> list[np.ndarray]:
     need = batch * steps
     if n_train < need:
-        raise SystemExit(f"the project has {n_train} train examples; {steps} steps of {batch} users need {need}")
+        raise SystemExit(
+            f"the project has {n_train} train examples; {steps} steps of {batch} users need {need}"
+        )
     return [np.arange(k * batch, (k + 1) * batch) for k in range(steps)]
 
 
@@ -177,10 +203,13 @@ def step_batches(n_train: int, batch: int, steps: int) -> list[np.ndarray]:
 
 @dataclass
 class Timing:
+    """Per timed step: wall seconds, generated tokens of each sequence, and the seconds
+    of the sampling call alone."""
+
     name: str
-    seconds: list[float] = field(default_factory=list)  # timed steps only
-    lengths: list[list[int]] = field(default_factory=list)  # generated tokens per sequence, timed steps
-    rollout_seconds: list[float] = field(default_factory=list)  # the sampling call alone, timed steps
+    seconds: list[float] = field(default_factory=list)
+    lengths: list[list[int]] = field(default_factory=list)
+    rollout_seconds: list[float] = field(default_factory=list)
 
     def summary(self, max_new_tokens: int) -> dict[str, float]:
         flat = [n for step in self.lengths for n in step]
@@ -223,7 +252,9 @@ class RecordingEngine:
         self.lengths: list[list[int]] = []
         self.seconds: list[float] = []
 
-    def generate(self, model: Any, prompts: Sequence[Sequence[int]], *, group_size: int, greedy: bool) -> Rollout:
+    def generate(
+        self, model: Any, prompts: Sequence[Sequence[int]], *, group_size: int, greedy: bool
+    ) -> Rollout:
         t0 = time.perf_counter()
         roll = self.engine.generate(model, prompts, group_size=group_size, greedy=greedy)
         self.seconds.append(time.perf_counter() - t0)
@@ -234,72 +265,99 @@ class RecordingEngine:
         self.engine.sync_weights(model)
 
 
-def time_recpo(params: Params, paths: Paths, batches: list[np.ndarray], warmup: int) -> tuple[Timing, dict[str, Any]]:
-    """RecPOStep set up as run_train sets it up; wall time of each call."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_constant_schedule_with_warmup
+class RecPORunner:
+    """RecPOStep set up as run_train sets it up; `step` times one call."""
 
-    from rrec.evaluate import load_user_prompts
-    from rrec.items import load_item_table, read_item_prompts
-    from rrec.train.policy import new_policy
-    from rrec.train.rollout import make_engine
-    from rrec.train.run import make_optimizer
-    from rrec.train.steps import RecPOStep, StepContext
+    def __init__(
+        self, params: Params, paths: Paths, batches: list[np.ndarray], warmup: int
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import get_constant_schedule_with_warmup
 
-    tp = params.train
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
-    set_seed(tp.seed)
-    rec = new_policy(params, paths, device=accelerator.device)
-    train_users = load_user_prompts(paths, "train")
-    item_ids = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
-    user_ids = rec.user_prompt_ids(train_users.conversations, answer=False)
-    optimizer = make_optimizer(rec, params)
-    scheduler = get_constant_schedule_with_warmup(optimizer, tp.warmup_steps)
-    model, optimizer = accelerator.prepare(rec, optimizer)
-    table = load_item_table(paths.item_table)
-    ctx = StepContext(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, params=params,
-        user_prompt_ids=user_ids, histories=train_users.histories, targets=train_users.targets,
-        item_prompt_ids=item_ids,
-    )
-    engine = RecordingEngine(
-        make_engine(
-            tp.rollout.engine, temperature=tp.rollout.temperature, top_k=tp.rollout.top_k,
-            max_new_tokens=tp.rollout.max_new_tokens, model_ref=params.model.backbone,
-            batch_size=max(tp.micro_batch_size, 1) * tp.rollout.group_size,
-        ),
-        tp.rollout.max_new_tokens,
-    )
-    step_fn = RecPOStep(ctx, engine, table)
-    timing = Timing("RecPO")
-    for k, batch in enumerate(tqdm(batches, desc="RecPO steps", unit="step")):
+        from rrec.evaluate import load_user_prompts
+        from rrec.items import load_item_table, read_item_prompts
+        from rrec.train.policy import new_policy
+        from rrec.train.rollout import make_engine
+        from rrec.train.run import make_optimizer
+        from rrec.train.steps import RecPOStep, StepContext
+
+        tp = params.train
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
+        )
+        set_seed(tp.seed)
+        rec = new_policy(params, paths, device=accelerator.device)
+        train_users = load_user_prompts(paths, "train")
+        item_ids = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
+        user_ids = rec.user_prompt_ids(train_users.conversations, answer=False)
+        optimizer = make_optimizer(rec, params)
+        scheduler = get_constant_schedule_with_warmup(optimizer, tp.warmup_steps)
+        model, optimizer = accelerator.prepare(rec, optimizer)
+        table = load_item_table(paths.item_table)
+        ctx = StepContext(
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            params=params,
+            user_prompt_ids=user_ids,
+            histories=train_users.histories,
+            targets=train_users.targets,
+            item_prompt_ids=item_ids,
+        )
+        self.engine = RecordingEngine(
+            make_engine(
+                tp.rollout.engine,
+                temperature=tp.rollout.temperature,
+                top_k=tp.rollout.top_k,
+                max_new_tokens=tp.rollout.max_new_tokens,
+                model_ref=params.model.backbone,
+                batch_size=max(tp.micro_batch_size, 1) * tp.rollout.group_size,
+            ),
+            tp.rollout.max_new_tokens,
+        )
+        self.step_fn = RecPOStep(ctx, self.engine, table)
+        self.batches, self.warmup = batches, warmup
+        self.timing = Timing("RecPO")
+        self.info = {
+            "n_items_scored": int(table.shape[0]),
+            "prompt_tokens_mean": statistics.fmean(
+                len(user_ids[int(i)]) for b in batches for i in b
+            ),
+            "parameters": sum(p.numel() for p in rec.parameters()),
+            "trainable": sum(p.numel() for p in rec.parameters() if p.requires_grad),
+        }
+
+    def step(self, k: int) -> None:
         t0 = time.perf_counter()
-        step_fn(batch, k)
+        self.step_fn(self.batches[k], k)
         dt = time.perf_counter() - t0
-        if k >= warmup:
-            timing.seconds.append(dt)
-            timing.lengths.append(engine.lengths[-1])
-            timing.rollout_seconds.append(engine.seconds[-1])
-    info = {
-        "n_items_scored": int(table.shape[0]),
-        "prompt_tokens_mean": statistics.fmean(len(user_ids[int(i)]) for b in batches for i in b),
-        "parameters": sum(p.numel() for p in rec.parameters()),
-        "trainable": sum(p.numel() for p in rec.parameters() if p.requires_grad),
-    }
-    del step_fn, ctx, model, optimizer, rec
-    return timing, info
+        if k >= self.warmup:
+            self.timing.seconds.append(dt)
+            self.timing.lengths.append(self.engine.lengths[-1])
+            self.timing.rollout_seconds.append(self.engine.seconds[-1])
+
+    def run_all(self) -> None:
+        for k in tqdm(range(len(self.batches)), desc="RecPO steps", unit="step"):
+            self.step(k)
 
 
 # ------------------------------------------------------------------ TRL
 
 
 def time_trl(
-    params: Params, paths: Paths, batches: list[np.ndarray], warmup: int, stop_ids: list[int],
-    expected_prompt_ids: list[list[int]], out_dir: Path,
+    params: Params,
+    paths: Paths,
+    batches: list[np.ndarray],
+    warmup: int,
+    stop_ids: list[int],
+    expected_prompt_ids: list[list[int]],
+    out_dir: Path,
+    after_step: Callable[[int], None] | None = None,
 ) -> tuple[Timing, dict[str, Any]]:
     """GRPOTrainer on the same backbone, adapter config, users and sampling; wall time of
-    each optimiser step."""
+    each optimiser step. `after_step(k)` runs after step k's clock has stopped."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -319,8 +377,11 @@ def time_trl(
 
     template_kwargs = {"sanitize_control_tokens": True}
     trl_ids = tok.apply_chat_template(
-        [users.conversations[i] for i in order], add_generation_prompt=True, tokenize=True,
-        return_dict=True, **template_kwargs,
+        [users.conversations[i] for i in order],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        **template_kwargs,
     )["input_ids"]
     same_prompts = [list(a) for a in trl_ids] == expected_prompt_ids
     if not same_prompts:
@@ -331,8 +392,6 @@ def time_trl(
 
     per_step = tp.batch_size * rp.group_size
     micro = tp.micro_batch_size
-    if per_step % micro:
-        raise SystemExit(f"--micro-batch {micro} must divide B*G = {per_step}")
     config = GRPOConfig(
         output_dir=str(out_dir),
         num_generations=rp.group_size,
@@ -386,6 +445,8 @@ def time_trl(
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.spans.append(time.perf_counter() - self._t0)
+            if after_step is not None:
+                after_step(len(self.spans) - 1)
 
     class TimedGRPOTrainer(GRPOTrainer):
         """Records the wall time of each sampling call (TRL's `generate` path)."""
@@ -402,8 +463,13 @@ def time_trl(
 
     clock = StepClock()
     trainer = TimedGRPOTrainer(
-        model=lm, reward_funcs=length_reward, args=config, train_dataset=dataset, processing_class=tok,
-        peft_config=lora_config(params.model.lora), callbacks=[clock],
+        model=lm,
+        reward_funcs=length_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=lora_config(params.model.lora),
+        callbacks=[clock],
     )
     trainer.train()
     counts = {len(clock.spans), len(lengths), len(trainer.rollout_seconds)}
@@ -413,7 +479,9 @@ def time_trl(
             f"{len(lengths)} reward calls; expected {len(batches)} of each"
         )
     timing = Timing(
-        "TRL GRPO", seconds=clock.spans[warmup:], lengths=lengths[warmup:],
+        "TRL GRPO",
+        seconds=clock.spans[warmup:],
+        lengths=lengths[warmup:],
         rollout_seconds=trainer.rollout_seconds[warmup:],
     )
     info = {
@@ -430,21 +498,49 @@ def time_trl(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--project", type=Path, default=None, help="an existing project root (default: build a tiny one)")
-    ap.add_argument("--build-into", type=Path, default=None, help="build the tiny project here and keep it")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="params override (YAML value), repeatable")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--project",
+        type=Path,
+        default=None,
+        help="an existing project root (default: build a tiny one)",
+    )
+    ap.add_argument(
+        "--build-into", type=Path, default=None, help="build the tiny project here and keep it"
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="params override (YAML value), repeatable",
+    )
     ap.add_argument("--batch", type=int, default=8, help="users per step (B)")
     ap.add_argument("--group", type=int, default=4, help="samples per user (G)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--micro-batch", type=int, default=None, help="trajectories per forward/backward (default: B*G)")
+    ap.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="trajectories per forward/backward (default: B*G)",
+    )
     ap.add_argument("--steps", type=int, default=5, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (see the module docstring)")
-    ap.add_argument("--order", choices=["recpo-first", "trl-first"], default="recpo-first")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (see the module docstring)"
+    )
+    ap.add_argument(
+        "--order",
+        choices=["interleaved", "recpo-first", "trl-first"],
+        default="interleaved",
+        help="interleaved: RecPO step k runs right after TRL step k (outside TRL's clock), so "
+        "both see the same machine load",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -465,32 +561,45 @@ def main() -> None:
         batches = step_batches(n_train, args.batch, args.warmup + args.steps)
         load_before = os.getloadavg()
 
-        def run_recpo() -> tuple[Timing, dict[str, Any]]:
-            return time_recpo(params, paths, batches, args.warmup)
-
         # TRL needs the rollout's stop set and prompt ids; both are cheap to get without
         # timing anything, so the order of the two runs is free.
         stop_ids, expected = _stop_and_prompts(params, paths, batches)
 
-        def run_trl() -> tuple[Timing, dict[str, Any]]:
-            return time_trl(params, paths, batches, args.warmup, stop_ids, expected, tmp / "trl")
+        def run_trl(
+            after_step: Callable[[int], None] | None = None,
+        ) -> tuple[Timing, dict[str, Any]]:
+            return time_trl(
+                params, paths, batches, args.warmup, stop_ids, expected, tmp / "trl", after_step
+            )
 
-        if args.order == "recpo-first":
-            recpo, recpo_info = run_recpo()
+        if args.order == "interleaved":
+            runner = RecPORunner(params, paths, batches, args.warmup)
+            trl, trl_info = run_trl(after_step=runner.step)
+        elif args.order == "recpo-first":
+            runner = RecPORunner(params, paths, batches, args.warmup)
+            runner.run_all()
             trl, trl_info = run_trl()
         else:
             trl, trl_info = run_trl()
-            recpo, recpo_info = run_recpo()
+            runner = RecPORunner(params, paths, batches, args.warmup)
+            runner.run_all()
+        recpo, recpo_info = runner.timing, runner.info
+        if len(recpo.seconds) != args.steps:
+            raise RuntimeError(f"RecPO ran {len(recpo.seconds)} timed steps; expected {args.steps}")
         recpo_info["stop_ids"] = stop_ids
         load_after = os.getloadavg()
         if torch.get_num_threads() != args.threads:
-            raise RuntimeError(f"torch threads changed from {args.threads} to {torch.get_num_threads()} during the run")
+            raise RuntimeError(
+                f"torch threads changed from {args.threads} to {torch.get_num_threads()} during the run"
+            )
         report(args, params, recpo, trl, recpo_info, trl_info, load_before, load_after)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _stop_and_prompts(params: Params, paths: Paths, batches: list[np.ndarray]) -> tuple[list[int], list[list[int]]]:
+def _stop_and_prompts(
+    params: Params, paths: Paths, batches: list[np.ndarray]
+) -> tuple[list[int], list[list[int]]]:
     from rrec.evaluate import load_user_prompts
     from rrec.model.backbone import load_model_and_tokenizer
     from rrec.model.wrapper import RecModel
@@ -500,12 +609,20 @@ def _stop_and_prompts(params: Params, paths: Paths, batches: list[np.ndarray]) -
     rec = RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
     users = load_user_prompts(paths, "train")
     order = [int(i) for b in batches for i in b]
-    return _stop_ids(rec), rec.user_prompt_ids([users.conversations[i] for i in order], answer=False)
+    return _stop_ids(rec), rec.user_prompt_ids(
+        [users.conversations[i] for i in order], answer=False
+    )
 
 
 def report(
-    args: argparse.Namespace, params: Params, recpo: Timing, trl: Timing, recpo_info: dict[str, Any],
-    trl_info: dict[str, Any], load_before: tuple[float, ...], load_after: tuple[float, ...],
+    args: argparse.Namespace,
+    params: Params,
+    recpo: Timing,
+    trl: Timing,
+    recpo_info: dict[str, Any],
+    trl_info: dict[str, Any],
+    load_before: tuple[float, ...],
+    load_after: tuple[float, ...],
 ) -> None:
     rp = params.train.rollout
     r, t = recpo.summary(rp.max_new_tokens), trl.summary(rp.max_new_tokens)
@@ -527,7 +644,9 @@ def report(
         f"{trl_info['same_prompt_ids']}); stop ids RecPO {recpo_info['stop_ids']}, TRL {sorted(trl_info['eos_token_ids'])}; "
         f"RecPO reward scores {recpo_info['n_items_scored']} items, TRL's is a length reward"
     )
-    print(f"load average (1/5/15 min): before {fmt_load(load_before)}, after {fmt_load(load_after)}")
+    print(
+        f"load average (1/5/15 min): before {fmt_load(load_before)}, after {fmt_load(load_after)}"
+    )
     print()
     head = f"{'method':<10} {'s/step (mean ± std)':>22} {'min':>7} {'rollout':>8} {'rest':>7} {'seqs':>5} {'tokens/step':>12} {'mean len':>9} {'at max':>7} {'ms/token':>9}"
     print(head)
@@ -540,20 +659,41 @@ def report(
             f"{s['share_at_max_len']:>7.0%} {s['ms_per_generated_token']:>9.2f}"
         )
     ratio = t["s_per_step_mean"] / r["s_per_step_mean"]
+    pairs = [a / b for a, b in zip(trl.seconds, recpo.seconds, strict=True)]
     ratio_tok = t["ms_per_generated_token"] / r["ms_per_generated_token"]
     print()
-    print("rollout: the sampling call alone (RecPO: HF generate + the cached <answer> step; TRL: its generate path);")
-    print("rest: everything else in the step (reward, advantages, losses, backward, optimiser, RecPO's item work)")
+    print(
+        "rollout: the sampling call alone (RecPO: HF generate + the cached <answer> step; TRL: its generate path);"
+    )
+    print(
+        "rest: everything else in the step (reward, advantages, losses, backward, optimiser, RecPO's item work)"
+    )
     print(f"ratio TRL/RecPO, seconds per step: {ratio:.2f} (>1: RecPO faster)")
     print(f"ratio TRL/RecPO, seconds per generated token: {ratio_tok:.2f}")
+    print(
+        f"ratio TRL/RecPO of step k against step k: median {statistics.median(pairs):.2f}, "
+        f"range {min(pairs):.2f} .. {max(pairs):.2f}"
+    )
     print(f"goal (RecPO no slower than TRL, ratio >= 1): {'met' if ratio >= 1 else 'NOT met'}")
     if args.json:
-        args.json.write_text(json.dumps({
-            "recpo": {**r, "seconds": recpo.seconds}, "trl": {**t, "seconds": trl.seconds},
-            "ratio_trl_over_recpo": ratio, "ratio_per_token": ratio_tok,
-            "load_before": list(load_before), "load_after": list(load_after),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "recpo": {**r, "seconds": recpo.seconds},
+                    "trl": {**t, "seconds": trl.seconds},
+                    "ratio_trl_over_recpo": ratio,
+                    "ratio_per_token": ratio_tok,
+                    "ratio_per_step_pair": pairs,
+                    "load_before": list(load_before),
+                    "load_after": list(load_after),
+                    "settings": {
+                        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    },
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 def fmt_load(load: tuple[float, ...]) -> str:

@@ -26,12 +26,12 @@ from flows import pipeline
 from rrec.config import ConfigError, load_params
 from rrec.data.latest import latest_interaction_date
 from rrec.paths import Paths
+from rrec.serve.pyfunc import MODEL_NAME as MODEL_ARTIFACT  # what the train stage logs
+from rrec.train.policy import TRAIN_SUMMARY
 
 CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 TIMEZONE = "UTC"
 DEPLOYMENT = "rrec-retrain"
-SUMMARY_FILE = "train_summary.json"
-MODEL_ARTIFACT = "model"
 
 
 def run_dvc(args: Sequence[str], root: Path) -> None:
@@ -113,7 +113,7 @@ def reproduce_task(root: str) -> None:
 
 def _trained_run(root: Path, method: str) -> tuple[str, int | None]:
     """(MLflow run id, registered version or None) from one method's train summary."""
-    summary_path = Paths(root).trained(method) / SUMMARY_FILE
+    summary_path = Paths(root).trained(method) / TRAIN_SUMMARY
     if not summary_path.exists():
         raise FileNotFoundError(
             f"{summary_path}: not found; the train stage writes it "
@@ -158,16 +158,32 @@ def register_best_task(root: str, params_path: str, methods: list[str] | None) -
     return best
 
 
-@task(name="promote", cache_policy=NO_CACHE)
-def promote_task(root: str, params_path: str, version: int) -> dict[str, Any]:
+@task(name="champion", cache_policy=NO_CACHE)
+def champion_task(root: str, params_path: str) -> dict[str, Any]:
+    """The champion (version, test NDCG@10) before this retraining."""
     from rrec import registry
 
     root_path = Path(root)
     name = registry.model_name(load_params(root_path / params_path).data.category)
-    champion = registry.champion_metric(name, root=root_path)
+    version = registry.champion_version(name, root=root_path)
+    metric = None if version is None else registry.version_metric(name, version, root=root_path)
+    return {"version": version, "ndcg10": metric}
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(root: str, params_path: str, version: int, before: dict[str, Any]) -> dict[str, Any]:
+    """Promote `version` if it beats the champion `before` this run. The evaluate stage may
+    already have promoted it during `dvc repro`; either way `promoted` says whether the
+    champion changed to this version in this retraining."""
+    from rrec import registry
+
+    root_path = Path(root)
+    name = registry.model_name(load_params(root_path / params_path).data.category)
     challenger = registry.version_metric(name, version, root=root_path)
-    promoted = registry.promote_if_better(name, version, root=root_path)
-    return {"challenger_ndcg10": challenger, "champion_ndcg10": champion, "promoted": promoted}
+    registry.promote_if_better(name, version, root=root_path)
+    now = registry.champion_version(name, root=root_path)
+    promoted = now == version and before["version"] != version
+    return {"challenger_ndcg10": challenger, "champion_ndcg10": before["ndcg10"], "promoted": promoted}
 
 
 @flow(name="retrain")
@@ -195,9 +211,10 @@ def retrain_flow(
         logger.info("data.window.end moved to %s", end)
     else:
         logger.info("data.window.end is already %s", end)
+    before = champion_task(root, params_path)
     reproduce_task(root)
     best = register_best_task(root, params_path, methods)
-    outcome = promote_task(root, params_path, best["version"])
+    outcome = promote_task(root, params_path, best["version"], before)
     logger.info(
         "version %d (%s): test NDCG@10 %s vs champion %s -> %s", best["version"], best["method"],
         outcome["challenger_ndcg10"], outcome["champion_ndcg10"],

@@ -228,4 +228,20 @@ def run_evaluate(params: Params, paths: Paths, method: str) -> dict[str, Any]:
                 tracking.log_metrics(m, prefix=f"{split}_")
             mlflow.log_table({k: [s[k] for s in samples] for k in samples[0]} if samples else {}, "test_reasoning_samples.json")
             mlflow.log_artifact(str(out / "metrics.json"))
+        report["registered"] = _register(params, paths, method, run_id)
     return report
+
+
+def _register(params: Params, paths: Paths, method: str, run_id: str) -> dict[str, Any]:
+    """Register the run's model as a version of `rrec-<category>` (alias `challenger`) and
+    make it `champion` only if its test NDCG@10 beats the current champion's."""
+    from rrec import registry
+    from rrec.serve.pyfunc import MODEL_NAME
+
+    name = registry.model_name(params.data.category)
+    version = registry.register_run_model(
+        run_id, MODEL_NAME, params.data.category, paths.root,
+        tags={"rrec.method": method, "rrec.window_end": str(params.data.window.end)},
+    )
+    promoted = registry.promote_if_better(name, version, root=paths.root)
+    return {"model": name, "version": version, "champion": promoted or registry.champion_version(name, paths.root) == version}

@@ -12,8 +12,9 @@ padded to their own longest row, so padding is small. Each finished chunk is wri
 to `<out>/chunks/NNNNN.safetensors`, so an interrupted run resumes where it stopped.
 A `manifest.json` beside the chunks holds a fingerprint of the prompts, the weights
 and the batching; chunks from a different fingerprint are discarded rather than
-mixed in. Under `accelerate launch` chunk `c` belongs to process `c % world_size`;
-the main process concatenates once everyone is done and removes the chunks.
+mixed in. Under `accelerate launch` or `torchrun` chunk `c` belongs to process
+`c % world_size`; the main process concatenates once everyone is done and removes
+the chunks.
 """
 
 from __future__ import annotations

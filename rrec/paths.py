@@ -65,6 +65,10 @@ class Paths:
         """A trained policy: LoRA adapter, tokenizer, its item table, train summary."""
         return self.root / "models" / "trained" / method
 
+    def serving(self, method: str) -> Path:
+        """Catalogue updates made at serving time (item table + catalogue), not DVC-tracked."""
+        return self.root / "models" / "serving" / method
+
     def checkpoints(self, method: str) -> Path:
         return self.root / "checkpoints" / method
 

@@ -121,10 +121,9 @@ def test_failing_stage_leaves_nothing_dvc_accepts(clone):
     status = _sh([*dvc, "status", "window"], root, env).stdout
     assert "window" in status and "changed" in status  # DVC does not take it for done
 
+    import anyio
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-
-    import anyio
 
     async def last_window_state() -> str:
         async with get_client() as client:

@@ -587,3 +587,37 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
 
 
 __all__ = ["DROP_REASONS", "WindowError", "months_before", "run_window", "split_sizes"]
+
+
+def clean_meta_file(
+    path: Path, max_title_words: int
+) -> tuple[list[dict[str, Any]], dict[str, int], int]:
+    """Clean an Amazon 2023 metadata file (JSONL, optionally gzipped) with the window stage's
+    rules; returns the kept items (ITEMS columns but item_id / n_interactions, in file order)
+    and the drop counts per reason (with `malformed`) and the number of lines read.
+
+    This is the window stage's own metadata reader, validity rules and items query, for
+    catalogue updates at serving time: a served item is cleaned exactly like a trained one."""
+    con = duckdb.connect(":memory:", config={"threads": 1})
+    try:
+        con.execute("SET enable_progress_bar = false")
+        clean.register(con)
+        try:
+            lines, malformed = _read_meta(con, Path(path))
+        except duckdb.Error as err:
+            raise ValueError(
+                f"{path}: could not be read as Amazon metadata JSONL ({err}); one JSON object a line"
+            ) from err
+        drops = _clean_items(con, max_title_words)
+        con.execute(
+            "CREATE TABLE item_ids AS SELECT parent_asin, "
+            "(row_number() OVER (ORDER BY line_no) - 1)::INTEGER AS item_id, "
+            "0::BIGINT AS n_interactions FROM meta_valid"
+        )
+        rows = con.sql(_ITEMS_QUERY).to_arrow_table().to_pylist()
+    finally:
+        con.close()
+    for row in rows:
+        row.pop("item_id")
+        row.pop("n_interactions")
+    return rows, {**drops, "malformed": int(malformed)}, int(lines)

@@ -189,7 +189,8 @@ def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {
         "backbone": TINY,
-        "vocab_size": len(tokenizer),
+        "vocab_size": len(tokenizer),  # below the requested size when the corpus runs out of merges
+        "vocab_size_requested": tiny.vocab_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "n_item_texts": len(items),
         "n_user_texts": len(users),

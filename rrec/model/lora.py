@@ -55,7 +55,12 @@ def save_adapter(model: PreTrainedModel | PeftModel, out_dir: Path) -> Path:
     """Save the adapter (LoRA) or the full weights (no LoRA) to `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    if isinstance(model, PeftModel):
+        # LoRA leaves the embeddings untouched; the rows of added control tokens are
+        # re-derived identically when the backbone is loaded, so they are not stored
+        model.save_pretrained(out_dir, save_embedding_layers=False)
+    else:
+        model.save_pretrained(out_dir)
     return out_dir
 
 

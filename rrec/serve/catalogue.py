@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from rrec.data import clean, window
 from rrec.data.schema import ITEMS
+from rrec.data.window import clean_meta_file
 from rrec.prompts import item_messages
 
 if TYPE_CHECKING:
@@ -162,41 +161,6 @@ class Catalogue:
 # ------------------------------------------------------------------ cleaning
 
 
-def clean_meta_file(
-    path: Path, max_title_words: int
-) -> tuple[list[dict[str, Any]], dict[str, int], int]:
-    """Clean an Amazon 2023 metadata file (JSONL, optionally gzipped) with the window stage's
-    rules; returns the kept items (ITEMS columns but item_id / n_interactions, in file order)
-    and the drop counts per reason (with `malformed`) and the number of lines read.
-
-    This runs the same DuckDB code as `rrec.data.window` (its metadata reader, its item
-    validity rules and its items query), so a served item is cleaned exactly like a
-    trained one."""
-    con = duckdb.connect(":memory:", config={"threads": 1})
-    try:
-        con.execute("SET enable_progress_bar = false")
-        clean.register(con)
-        try:
-            lines, malformed = window._read_meta(con, Path(path))
-        except duckdb.Error as err:
-            raise ValueError(
-                f"{path}: could not be read as Amazon metadata JSONL ({err}); one JSON object a line"
-            ) from err
-        drops = window._clean_items(con, max_title_words)
-        con.execute(
-            "CREATE TABLE item_ids AS SELECT parent_asin, "
-            "(row_number() OVER (ORDER BY line_no) - 1)::INTEGER AS item_id, "
-            "0::BIGINT AS n_interactions FROM meta_valid"
-        )
-        rows = con.sql(window._ITEMS_QUERY).to_arrow_table().to_pylist()
-    finally:
-        con.close()
-    for row in rows:
-        row.pop("item_id")
-        row.pop("n_interactions")
-    return rows, {**drops, "malformed": int(malformed)}, int(lines)
-
-
 # -------------------------------------------------------------------- updates
 
 
@@ -253,7 +217,6 @@ def add_items_from_file(recommender: Recommender, path: Path) -> CatalogueUpdate
     table_rows = encode_item_rows(recommender, rows)
     ids, new = recommender.catalogue.upsert(rows)
     new_set = set(new)
-    # the catalogue assigns new ids in order, so appended rows go in that order
     recommender.set_rows(ids, table_rows)
     update.added = [i for i in ids if i in new_set]
     update.replaced = [i for i in ids if i not in new_set]

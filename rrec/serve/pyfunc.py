@@ -24,6 +24,7 @@ from an environment where `rrec` is installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -108,6 +109,8 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
             tokenizer_dir=Path(a["tokenizer"]),
         )
 
+    # The DataFrame hint is one MLflow does not turn into an enforced schema, so every body
+    # format reaches `request_rows`, which validates it with messages about this model's fields.
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
@@ -203,8 +206,11 @@ def log_pyfunc(
         run_id = summary.get("mlflow_run_id") if _run_exists(summary.get("mlflow_run_id")) else None
     with tempfile.TemporaryDirectory(prefix="rrec-pyfunc-") as tmp:
         artifacts = _artifacts(params, paths, method, updates, Path(tmp))
+        active = mlflow.active_run()
         run_cm = (
-            mlflow.start_run(run_id=run_id)
+            contextlib.nullcontext()
+            if active is not None and active.info.run_id == run_id
+            else mlflow.start_run(run_id=run_id)
             if run_id is not None
             else tracking.start_run(params, "serve", run_name=f"serve-{method}",
                                     tags={"rrec.served_method": method}, root=paths.root)

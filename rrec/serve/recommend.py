@@ -88,7 +88,7 @@ class _Parsed:
 
 def serving_dir(paths: Paths, method: str) -> Path:
     """Where the CLI keeps a method's updated item table and catalogue."""
-    return paths.root / "models" / "serving" / method
+    return paths.serving(method)
 
 
 def summary_digest(summary_path: Path) -> str:
@@ -414,7 +414,8 @@ class Recommender:
         now_ms: int | Sequence[int | None] | None = None,
         progress: bool = False,
     ) -> list[Recommendation]:
-        """Top-k recommendations for each history (k per history or one for all); the
+        """Top-k recommendations for each history (k per history or one for all): k distinct
+        items, none in the history or removed (fewer only when fewer items are left). The
         histories are processed in batches of `evaluate.batch_size`, greedily, with at most
         `evaluate.max_new_tokens` reasoning tokens."""
         if isinstance(histories, (str, bytes, Mapping)) or not isinstance(histories, Sequence):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_constant_schedule_with_warmup
 
@@ -175,7 +175,6 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
             table = encode_items(
                 policy, item_ids, ckpt_dir / "eval_table", batch_size=params.items.batch_size,
                 chunk_size=params.items.chunk_size, meta={"backbone": params.model.backbone, "adapter": f"{method}@{step}"},
-                state=PartialState(),
             )
             table_ref["eval"] = table
             if reasoning:  # SPEC: the whole table is re-encoded before every evaluation
@@ -219,7 +218,7 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
         summary: dict[str, Any] = {}
         if main:
             summary = _finish(params, paths, method, ctx, ckpt_dir, ckpt_dir / "best", progress, steps_log, started)
-            _log_model(paths, method, summary)
+            _log_model(params, paths, method, summary)
     accelerator.wait_for_everyone()
     return summary
 
@@ -243,6 +242,7 @@ def _finish(
         "stopped": progress.stopped,
         "best_valid": {k: v for k, v in best_eval.items() if k != "step"},
         "mlflow_run_id": progress.mlflow_run_id,
+        "world_size": ctx.world,
         "seconds_this_process": round(time.monotonic() - started, 1),
     }
     (tmp / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
@@ -256,15 +256,15 @@ def _finish(
     return summary
 
 
-def _log_model(paths: Paths, method: str, summary: dict[str, Any]) -> None:
-    """Log what it takes to load the policy without the working tree: adapter,
-    tokenizer, item table, and (for the embedded tiny backbone) the backbone itself."""
+def _log_model(params: Params, paths: Paths, method: str, summary: dict[str, Any]) -> None:
+    """Log the trained policy into its run as an MLflow pyfunc model ("recommender": the
+    backbone or its reference, the LoRA adapter, tokenizer, item table and catalogue), so
+    that a registered version loads and serves without the working tree; plus the curves."""
     import mlflow
 
-    out = paths.trained(method)
-    mlflow.log_artifacts(str(out), artifact_path="model")
-    if summary["backbone"] == "tiny":
-        mlflow.log_artifacts(str(paths.backbone), artifact_path="model/backbone")
+    from rrec.serve.pyfunc import log_pyfunc
+
+    log_pyfunc(params, paths, method, run_id=summary["mlflow_run_id"])
     mlflow.set_tags({"rrec.best_step": str(summary["best_step"]), "rrec.stopped": str(summary["stopped"])})
     for name in ("train_curves.csv", "valid_curves.csv"):
         f = paths.eval_report(method) / name
