@@ -353,7 +353,8 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class FakePipeline:
     """Stands in for `dvc`: download writes a raw file whose newest interaction is
     `latest`; `dvc repro` "trains" every method (an MLflow run with test NDCG@10 from
-    `ndcg10` and a tiny adapter under `model`) and writes their train summaries."""
+    `ndcg10` and a tiny adapter under the model artifact path) and writes their train
+    summaries."""
 
     def __init__(self, root: Path, exp_id: str) -> None:
         self.root, self.exp_id = root, exp_id
@@ -385,12 +386,12 @@ class FakePipeline:
         (adapter / "adapter_config.json").write_text(json.dumps({"method": method}))
         with mlflow.start_run(experiment_id=self.exp_id, tags={"rrec.method": method}) as run:
             mlflow.log_param("data.window.end", str(params.data.window.end))
-            mlflow.log_artifacts(str(adapter), artifact_path="model")
+            mlflow.log_artifacts(str(adapter), artifact_path=retrain.MODEL_ARTIFACT)
             mlflow.log_metric("test_ndcg_at_10", self.ndcg10[method])
         summary: dict[str, object] = {"method": method, "mlflow_run_id": run.info.run_id}
         if self.register_in_train:
             summary["registered_version"] = registry.register_run_model(
-                run.info.run_id, "model", params.data.category)
+                run.info.run_id, retrain.MODEL_ARTIFACT, params.data.category)
         paths.trained(method).mkdir(parents=True, exist_ok=True)
         (paths.trained(method) / "train_summary.json").write_text(json.dumps(summary))
 
