@@ -8,6 +8,9 @@ An exception inside a stage fails its flow run (and any MLflow run it opened).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,28 @@ from prefect.cache_policies import NO_CACHE
 from rrec.config import Params, load_params
 from rrec.paths import Paths
 
+COMPUTE_MARK = "rrec-stage-compute"
+
+
+@contextmanager
+def _timed(stage: str) -> Iterator[None]:
+    """Log the stage's own compute time (the rrec function, imports excluded), in a
+    line `benchmarks/orchestration_overhead.py` reads to separate it from the cost of
+    DVC, Prefect and process start-up."""
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    get_run_logger().info("%s %s %.2f", COMPUTE_MARK, stage, seconds)
+    print(f"{COMPUTE_MARK} {stage} {seconds:.2f}", flush=True)
+
 
 def _load(params_path: str, root: str) -> tuple[Params, Paths]:
     return load_params(Path(root) / params_path), Paths(Path(root))
+
+
+def _run(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    with _timed(stage):
+        return _jsonable(fn(*args))
 
 
 def _jsonable(result: Any) -> Any:
@@ -47,9 +69,10 @@ def download_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str
     if params.data.source == "sample":
         from rrec.data.download import run_download
 
-        return _jsonable(run_download(params, paths))
+        return _run("download", run_download, params, paths)
     fetch = fetch_file.with_options(retries=params.data.retries, retry_delay_seconds=[2, 10, 30])
-    return {key: fetch(params, paths, key) for key in ("interactions", "meta")}
+    with _timed("download"):
+        return {key: fetch(params, paths, key) for key in ("interactions", "meta")}
 
 
 @flow(name="window")
@@ -57,7 +80,8 @@ def window_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str, 
     from rrec.data.window import run_window
 
     params, paths = _load(params_path, root)
-    stats = run_window(params, paths)
+    with _timed("window"):
+        stats = run_window(params, paths)
     get_run_logger().info("window: %s", {k: stats.get(k) for k in ("users", "items", "interactions", "train", "valid", "test")})
     return _jsonable(stats)
 
@@ -67,7 +91,7 @@ def prompts_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str,
     from rrec.prompts import run_prompts
 
     params, paths = _load(params_path, root)
-    return _jsonable(run_prompts(params, paths))
+    return _run("prompts", run_prompts, params, paths)
 
 
 @flow(name="backbone")
@@ -75,7 +99,7 @@ def backbone_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str
     from rrec.model.backbone import build_backbone
 
     params, paths = _load(params_path, root)
-    return _jsonable(build_backbone(params, paths))
+    return _run("backbone", build_backbone, params, paths)
 
 
 @flow(name="items")
@@ -83,7 +107,7 @@ def items_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str, A
     from rrec.items import run_items
 
     params, paths = _load(params_path, root)
-    return _jsonable(run_items(params, paths))
+    return _run("items", run_items, params, paths)
 
 
 @flow(name="train", flow_run_name="train-{method}")
@@ -91,7 +115,7 @@ def train_flow(method: str, params_path: str = "params.yaml", root: str = ".") -
     from rrec.train.run import run_train
 
     params, paths = _load(params_path, root)
-    return _jsonable(run_train(params, paths, method))
+    return _run(f"train@{method}", run_train, params, paths, method)
 
 
 @flow(name="evaluate", flow_run_name="evaluate-{method}")
@@ -99,7 +123,7 @@ def evaluate_flow(method: str, params_path: str = "params.yaml", root: str = "."
     from rrec.evaluate import run_evaluate
 
     params, paths = _load(params_path, root)
-    return _jsonable(run_evaluate(params, paths, method))
+    return _run(f"evaluate@{method}", run_evaluate, params, paths, method)
 
 
 @flow(name="baselines")
@@ -107,7 +131,7 @@ def baselines_flow(params_path: str = "params.yaml", root: str = ".") -> dict[st
     from rrec.baselines.stage import run_baselines_stage
 
     params, paths = _load(params_path, root)
-    return _jsonable(run_baselines_stage(params, paths))
+    return _run("baselines", run_baselines_stage, params, paths)
 
 
 @flow(name="report")
@@ -115,7 +139,7 @@ def report_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str, 
     from rrec.report import run_report
 
     params, paths = _load(params_path, root)
-    return _jsonable(run_report(params, paths))
+    return _run("report", run_report, params, paths)
 
 
 STAGE_FLOWS = {

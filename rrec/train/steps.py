@@ -202,7 +202,7 @@ class RecPOStep:
             "adv_abs_mean": ctx.mean(adv.abs().mean()),
             "token_loss": ctx.mean(tok_loss_sum),
             "item_loss": ctx.mean(i_loss),
-            "loss": ctx.mean(tok_loss_sum + float(i_loss)),
+            "loss": ctx.mean(tok_loss_sum + i_loss.item()),
             "clip_high": ctx.mean(clip_hi),
             "clip_low": ctx.mean(clip_lo),
             "ratio_mean": ctx.mean(ratio_sum),
