@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rrec.config import Params
-from rrec.metrics import evaluate_scorer, pad_histories, target_ranks
+from rrec.metrics import evaluate_scorer, mask_history, pad_histories, target_ranks
 from rrec.model.wrapper import RecModel, score
 from rrec.paths import Paths
 from rrec.train.rollout import HFEngine
@@ -137,12 +137,8 @@ def reasoning_samples(
     """Rows for a human: history, reasoning, top-10 with titles, target and its rank."""
     n = min(n, len(users))
     states = details["states"][:n]
-    scores = score(states, table.float(), rec.tau)
-    history = pad_histories(users.histories[:n])
-    ranks = target_ranks(scores, torch.tensor(users.targets[:n]), history)
-    scores = scores.clone()
-    rows = torch.arange(n).unsqueeze(1).expand_as(history)
-    scores[rows[history >= 0], history[history >= 0]] = float("-inf")
+    scores = mask_history(score(states, table.float(), rec.tau), pad_histories(users.histories[:n]))
+    ranks = target_ranks(scores, torch.tensor(users.targets[:n]))
     best = scores.topk(min(top, scores.shape[1]), dim=1).indices
     out = []
     for i in range(n):
