@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -18,6 +19,9 @@ def main(
     root: str = typer.Option(".", help="project root holding data/, models/, reports/"),
     method: str = typer.Option(None, help="train/evaluate: the method (contrastive or recpo)"),
 ) -> None:
+    # Without PREFECT_API_URL each stage starts Prefect's temporary server; on a busy
+    # machine it can take longer than Prefect's default 20 s to answer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.stages import STAGE_FLOWS
 
     if stage not in STAGE_FLOWS:
