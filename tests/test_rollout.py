@@ -71,3 +71,27 @@ def test_greedy_is_deterministic_and_vllm_needs_extra():
 
         with pytest.raises(RuntimeError, match=r"\.\[gpu\]"):
             make_engine("vllm", temperature=1.0, top_k=1, max_new_tokens=1, model_ref="x")
+
+
+def test_greedy_decoding_equals_transformers_generate():
+    # the engine's own decoding loop against the library's, on left-padded prompts of
+    # different lengths (reasoning compared up to each row's first stop token)
+    model = tiny_recmodel(seed=3)
+    prompts = [p[: 6 + 9 * i] for i, p in enumerate(_prompts(model, 3))]
+    roll = HFEngine(temperature=1.0, top_k=0, max_new_tokens=7).generate(model, prompts, greedy=True)
+    ids, mask = model.pad(prompts, padding_side="left")
+    stop = {model.answer_token_id, model.tokenizer.eos_token_id, *model.lm.generation_config.eos_token_id}
+    with torch.no_grad():
+        out = model.lm.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False,
+            eos_token_id=sorted(stop), pad_token_id=model.pad_token_id,
+        )[:, ids.shape[1] :].tolist()
+    for row, reasoning in enumerate(roll.reasoning_ids):
+        expected = []
+        for token in out[row]:
+            expected.append(token)
+            if token in stop:
+                break
+        if expected and expected[-1] in stop and expected[-1] != model.answer_token_id:
+            expected.pop()  # a turn end is not part of the reasoning
+        assert reasoning == expected

@@ -1,8 +1,9 @@
 """Rollout engines: sample reasoning, end it with `<answer>`, read the user state there.
 
 One contract, two engines:
-- `hf` (default, CPU or GPU): `transformers` `generate`, then ONE extra cached
-  decoder step that feeds `<answer>` on top of the generation's KV cache. The user
+- `hf` (default, CPU or GPU): a cached decoding loop over the `transformers` model
+  (`HFEngine._decode`), then ONE extra cached decoder step that feeds `<answer>` on
+  top of the decoding's KV cache. The user
   state `h_u` therefore comes out of the same pass that wrote the reasoning; the
   sequence is never re-encoded.
 - `vllm` (optional `gpu` extra): vLLM samples the tokens and their log-probabilities;
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from transformers import DynamicCache
 
 from rrec.model.wrapper import RecModel, position_ids_from_mask
 
@@ -74,7 +76,7 @@ def _stop_ids(model: RecModel) -> list[int]:
 
 
 class HFEngine:
-    """`generate` + one cached `<answer>` step."""
+    """A cached decoding loop + one cached `<answer>` step."""
 
     def __init__(self, temperature: float, top_k: int, max_new_tokens: int, batch_size: int = 64) -> None:
         self.temperature = temperature
@@ -108,40 +110,70 @@ class HFEngine:
         lm.eval()
         try:
             ids, mask = model.pad(prompts, padding_side="left")
-            temperature = 1.0 if greedy else self.temperature
-            sampling: dict[str, Any] = (
-                {"do_sample": False}
-                if greedy
-                else {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k or None, "top_p": 1.0}
-            )
-            out = lm.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=self.max_new_tokens,
-                eos_token_id=_stop_ids(model),
-                pad_token_id=model.pad_token_id,
-                return_dict_in_generate=True,
-                output_logits=True,
-                use_cache=True,
-                **sampling,
-            )
-            return self._finish(model, ids, mask, out, temperature)
+            generated, token_lp, cache = self._decode(model, ids, mask, greedy)
+            return self._finish(model, mask, generated, token_lp, cache)
         finally:
             lm.train(was_training)
 
-    def _finish(self, model: RecModel, ids: torch.Tensor, mask: torch.Tensor, out: Any, temperature: float) -> Rollout:
-        n, prompt_len = ids.shape
-        generated = out.sequences[:, prompt_len:]
-        steps = generated.shape[1]
+    def _decode(
+        self, model: RecModel, ids: torch.Tensor, mask: torch.Tensor, greedy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+        """Sample (or greedily pick) up to `max_new_tokens` tokens per row.
+
+        A plain cached loop over the decoder and the output head at the last position:
+        what `generate` does for this case without its per-step processors and bookkeeping,
+        which dominate a small model's decoding time. Returns the tokens [n, steps] (a
+        row's tokens after its first stop token are padding), their log-probs under
+        `log_softmax(logits / temperature)`, and the KV cache, which holds the prompt and
+        every generated token but the last, like `generate`'s.
+        """
+        decoder, head = model.lm.get_decoder(), model.lm.get_output_embeddings()
+        temperature = 1.0 if greedy else self.temperature
+        stop = torch.tensor(_stop_ids(model), device=ids.device)
+        cache = DynamicCache()
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        positions = position_ids_from_mask(mask)
+        feed, attn = ids, mask
+        tokens, logprobs = [], []
+        for step in range(self.max_new_tokens):
+            hidden = decoder(
+                input_ids=feed,
+                # without padding the fused causal attention applies
+                attention_mask=None if bool(attn.all()) else attn,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+            logits = head(hidden).float() / temperature
+            token = logits.argmax(dim=-1) if greedy else self._sample(logits)
+            logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1))
+            token = torch.where(done, torch.full_like(token, model.pad_token_id), token)
+            tokens.append(token)
+            done |= torch.isin(token, stop)
+            if bool(done.all()) or step == self.max_new_tokens - 1:
+                break
+            feed = token.unsqueeze(1)
+            positions = positions[:, -1:] + 1
+            attn = torch.cat([attn, torch.ones_like(feed)], dim=1)
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1), cache
+
+    def _sample(self, scaled_logits: torch.Tensor) -> torch.Tensor:
+        """One token per row from softmax(scaled logits), restricted to the top-k."""
+        if self.top_k and self.top_k < scaled_logits.shape[-1]:
+            values, index = scaled_logits.topk(self.top_k, dim=-1)
+            return index.gather(1, torch.multinomial(torch.softmax(values, dim=-1), 1)).squeeze(1)
+        return torch.multinomial(torch.softmax(scaled_logits, dim=-1), 1).squeeze(1)
+
+    def _finish(
+        self, model: RecModel, mask: torch.Tensor, generated: torch.Tensor, token_lp: torch.Tensor, cache: Any
+    ) -> Rollout:
+        n, steps = generated.shape
         stop = torch.tensor(_stop_ids(model), device=generated.device)
         is_stop = torch.isin(generated, stop)
         any_stop = is_stop.any(dim=1)
         first_stop = torch.where(any_stop, is_stop.float().argmax(dim=1), torch.full_like(any_stop, steps, dtype=torch.long))
         stop_token = generated.gather(1, first_stop.clamp(max=max(steps - 1, 0)).unsqueeze(1)).squeeze(1)
         sampled_answer = any_stop & (stop_token == model.answer_token_id)
-
-        logits = torch.stack(out.logits, dim=1).float()
-        token_lp = torch.log_softmax(logits / temperature, dim=-1).gather(2, generated.unsqueeze(2)).squeeze(2)
 
         reasoning, sampled, old_lp = [], [], []
         for row in range(n):
@@ -150,7 +182,7 @@ class HFEngine:
             sampled.append(bool(sampled_answer[row]))
             old_lp.append(token_lp[row, :keep].cpu())
 
-        states = self._answer_step(model, mask, generated, first_stop, out.past_key_values)
+        states = self._answer_step(model, mask, generated, first_stop, cache)
         return Rollout(
             prompt_ids=[], reasoning_ids=reasoning, sampled_answer=sampled, old_logprobs=old_lp, user_states=states
         )
