@@ -60,12 +60,17 @@ def unified(model: RecModel, max_new_tokens: int) -> Callable[[Batch], tuple[tor
     return run
 
 
-def two_stage(model: RecModel, max_new_tokens: int) -> Callable[[Batch], tuple[torch.Tensor, Batch]]:
+def two_stage(
+    model: RecModel, max_new_tokens: int, second_pass_s: list[float]
+) -> Callable[[Batch], tuple[torch.Tensor, Batch]]:
+    """Appends the wall time of each call's second pass to `second_pass_s`."""
     engine = GenerateOnly(temperature=1.0, top_k=0, max_new_tokens=max_new_tokens)
 
     def run(batch: Batch) -> tuple[torch.Tensor, Batch]:
         roll = engine.generate(model, batch, greedy=True)
+        start = time.perf_counter()
         states = model.encode(roll.sequences(model.answer_token_id)).float().cpu()
+        second_pass_s.append(time.perf_counter() - start)
         return states, roll.reasoning_ids
 
     return run
@@ -109,7 +114,8 @@ def main() -> None:
     max_new = args.max_new_tokens or params.evaluate.max_new_tokens
     users = load_user_prompts(paths, "test").head(args.queries)
     prompts = rec.model.user_prompt_ids(users.conversations)
-    pipelines = {"unified": unified(rec.model, max_new), "two-stage": two_stage(rec.model, max_new)}
+    second_pass_s: list[float] = []
+    pipelines = {"unified": unified(rec.model, max_new), "two-stage": two_stage(rec.model, max_new, second_pass_s)}
     print(
         f"{args.method} model, backbone {params.model.backbone!r}, device {args.device}, "
         f"{torch.get_num_threads()} CPU threads; {len(prompts)} queries, prompt length "
@@ -125,6 +131,7 @@ def main() -> None:
                 for b in work[: args.warmup]:
                     fn(b)
             times: dict[str, list[float]] = {name: [] for name in pipelines}
+            second_pass_s.clear()
             lengths: list[int] = []
             for i, b in enumerate(tqdm(work, desc=f"batch size {size}", unit="batch", leave=False)):
                 order = list(pipelines) if i % 2 == 0 else list(reversed(pipelines))
@@ -138,13 +145,16 @@ def main() -> None:
                 cos = torch.nn.functional.cosine_similarity(s_u.float(), s_t.float(), dim=-1)
                 worst_state = max(worst_state, float((1 - cos).abs().max()))
                 lengths += [len(r) for r in r_u]
-            rows.append((size, times, statistics.mean(lengths)))
+            rows.append((size, times, statistics.mean(lengths), statistics.mean(second_pass_s)))
 
     print()
-    print(f"{'batch':>5} | {'unified ms/request':>20} | {'two-stage ms/request':>20} | {'two-stage/unified':>17} | reasoning tokens")
-    print("-" * 90)
+    print(
+        f"{'batch':>5} | {'unified ms/request':>20} | {'two-stage ms/request':>20} | {'two-stage/unified':>17} "
+        f"| {'2nd pass ms':>11} | reasoning tokens"
+    )
+    print("-" * 105)
     ok = True
-    for size, times, mean_len in rows:
+    for size, times, mean_len, second in rows:
         u = [t * 1000 for t in times["unified"]]
         t2 = [t * 1000 for t in times["two-stage"]]
         ratio = statistics.mean(t2) / statistics.mean(u)
@@ -152,7 +162,7 @@ def main() -> None:
         sd = statistics.stdev if len(u) > 1 else (lambda _: 0.0)
         print(
             f"{size:>5} | {statistics.mean(u):>10.1f} ± {sd(u):>7.1f} | {statistics.mean(t2):>10.1f} ± {sd(t2):>7.1f} "
-            f"| {ratio:>16.2f}x | {mean_len:.1f}"
+            f"| {ratio:>16.2f}x | {second * 1000:>11.1f} | {mean_len:.1f}"
         )
     print()
     print(f"same reasoning from both pipelines: {same_text}; largest 1 - cos(h_unified, h_two_stage): {worst_state:.2e}")

@@ -142,7 +142,10 @@ class TinyBackboneParams(_Strict):
 
 
 class LoraParams(_Strict):
-    enabled: bool = True
+    # off for the tiny default: on a 0.5 M-parameter decoder, rank-8 LoRA left the
+    # contrastive loss at ln(batch) for 300 steps where full fine-tuning learned
+    # (README, "Choices"); turn it on for a real backbone
+    enabled: bool = False
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -186,6 +189,9 @@ class RecPOParams(_Strict):
     eps_high: float = Field(0.28, ge=0.0)
     item_topk: int = Field(1, ge=1)
     ndcg_cutoff: int = Field(1000, ge=1)
+    # a cap on RecPO's optimiser steps on top of train.max_steps: a RecPO step samples
+    # group_size reasonings per user, so it costs many contrastive steps
+    max_steps: int | None = Field(60, ge=1)
 
 
 class TrainParams(_Strict):
@@ -193,21 +199,26 @@ class TrainParams(_Strict):
     # "contrastive" is the paper's "w/o reasoning" row
     methods: list[Literal["recpo", "contrastive"]] = ["contrastive", "recpo"]
     seed: int = 0
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
     batch_size: int = Field(16, ge=2)
     micro_batch_size: int = Field(32, ge=1)
     epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(60, ge=1)
-    eval_every: int = Field(20, ge=1)
+    max_steps: int | None = Field(300, ge=1)
+    eval_every: int = Field(50, ge=1)
     eval_max_users: int | None = Field(128, ge=1)
     patience: int = Field(3, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
     eval_samples: int = Field(8, ge=0)
     rollout: RolloutParams = RolloutParams()
     recpo: RecPOParams = RecPOParams()
+
+    def steps_for(self, method: str) -> int | None:
+        """The step budget of `method`: train.max_steps, capped by recpo.max_steps for RecPO."""
+        caps = [s for s in (self.max_steps, self.recpo.max_steps if method == "recpo" else None) if s is not None]
+        return min(caps) if caps else None
 
     @field_validator("methods")
     @classmethod

@@ -90,3 +90,13 @@ def test_flat_view_has_dotted_keys():
     flat = Params().flat()
     assert flat["train.recpo.beta"] == 0.05
     assert flat["data.window.split"] == [0.8, 0.1, 0.1]
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "recpo_cap", "contrastive", "recpo"),
+    [(300, 60, 300, 60), (6, 60, 6, 6), (None, 60, None, 60), (None, None, None, None), (40, None, 40, 40)],
+)
+def test_recpo_step_cap(max_steps, recpo_cap, contrastive, recpo):
+    train = Params.model_validate({"train": {"max_steps": max_steps, "recpo": {"max_steps": recpo_cap}}}).train
+    assert train.steps_for("contrastive") == contrastive
+    assert train.steps_for("recpo") == recpo

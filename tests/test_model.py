@@ -54,6 +54,7 @@ from rrec.model.tokenizer import (
     train_tokenizer,
 )
 from rrec.paths import Paths
+from rrec.train.policy import policy_from_adapter
 
 GENRES = {
     "racing": ["fast", "cars", "speed", "track", "drift", "turbo", "engine", "rally"],
@@ -79,7 +80,7 @@ TINY: dict[str, Any] = {
 
 
 def tiny_params(**tiny: Any) -> Params:
-    return parse_params({"model": {"tiny": {**TINY, **tiny}, "lora": {"r": 2, "alpha": 4.0}}})
+    return parse_params({"model": {"tiny": {**TINY, **tiny}, "lora": {"enabled": True, "r": 2, "alpha": 4.0}}})
 
 
 def write_fixture_prompts(root: Path, n_items: int = 48, n_users: int = 96, seed: int = 0) -> Paths:
@@ -400,8 +401,11 @@ def test_lora_trains_only_adapter_weights_and_round_trips(
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     fresh, _ = load_model_and_tokenizer(params, paths)
     reloaded = RecModel(load_adapter(fresh, tmp_path / "adapter"), tok).eval()
+    merged = policy_from_adapter(params, paths, tmp_path / "adapter")  # what inference loads
+    assert not any("lora_" in n for n, _ in merged.lm.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode(seqs), after)
+        torch.testing.assert_close(merged.encode(seqs), after, atol=1e-5, rtol=1e-4)
         plain = RecModel(load_model_and_tokenizer(params, paths)[0], tok).encode(seqs)
     assert not torch.allclose(plain, after, atol=1e-4)  # the adapter does change the states
 
@@ -419,7 +423,7 @@ def test_lora_disabled_trains_the_full_model(
     reloaded = load_adapter(load_model_and_tokenizer(params, paths)[0], tmp_path / "full")
     assert torch.equal(reloaded.get_input_embeddings().weight, full.get_input_embeddings().weight)
     with pytest.raises(ValueError, match="target_modules"):
-        apply_lora(model, LoraParams(target_modules=["no_such_proj"]))
+        apply_lora(model, LoraParams(enabled=True, target_modules=["no_such_proj"]))
 
 
 # ------------------------------------------------------ foreign backbones

@@ -23,7 +23,7 @@ SCRIPT = ROOT / "tests" / "train_script.py"
 
 def _lora_model() -> RecModel:
     base = tiny_recmodel()
-    lm = apply_lora(base.lm, LoraParams(r=4, alpha=8.0, dropout=0.0))
+    lm = apply_lora(base.lm, LoraParams(enabled=True, r=4, alpha=8.0, dropout=0.0))
     return RecModel(lm, base.tokenizer, tau=0.1)
 
 
@@ -76,19 +76,26 @@ def _run(root: Path, method: str, *extra: str, launcher: list[str] | None = None
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _copy(project, name: str, tmp_path: Path) -> Path:
+def _copy(project, name: str, tmp_path: Path, *, lora: bool) -> Path:
+    """A copy of the project without training outputs, training LoRA or all weights."""
     import shutil
+
+    import yaml
 
     _, paths = project
     dst = tmp_path / name
     shutil.copytree(paths.root, dst, ignore=shutil.ignore_patterns("mlflow", "checkpoints", "trained", "reports"))
+    tree = yaml.safe_load((dst / "params.yaml").read_text())
+    tree["model"]["lora"]["enabled"] = lora
+    (dst / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     return dst
 
 
-@pytest.mark.parametrize("method", ["contrastive", "recpo"])
-def test_sigkill_and_resume_gives_the_same_result(tiny_project, tmp_path, method):
-    straight = _copy(tiny_project, "straight", tmp_path)
-    killed = _copy(tiny_project, "killed", tmp_path)
+# each method once with LoRA and once with all weights trained, across the two tests below
+@pytest.mark.parametrize(("method", "lora"), [("contrastive", False), ("recpo", True)])
+def test_sigkill_and_resume_gives_the_same_result(tiny_project, tmp_path, method, lora):
+    straight = _copy(tiny_project, "straight", tmp_path, lora=lora)
+    killed = _copy(tiny_project, "killed", tmp_path, lora=lora)
     expected = _run(straight, method)
 
     proc = _run(killed, method, "--hang-after", "3", wait=False)
@@ -116,16 +123,16 @@ def test_sigkill_and_resume_gives_the_same_result(tiny_project, tmp_path, method
     torch.testing.assert_close(load(a)["embeddings"], load(b)["embeddings"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["contrastive", "recpo"])
-def test_two_process_training_on_cpu(tiny_project, tmp_path, method):
-    root = _copy(tiny_project, "ddp", tmp_path)
+@pytest.mark.parametrize(("method", "lora"), [("contrastive", True), ("recpo", False)])
+def test_two_process_training_on_cpu(tiny_project, tmp_path, method, lora):
+    root = _copy(tiny_project, "ddp", tmp_path, lora=lora)
     # torchrun, not `accelerate launch --cpu`: the latter needs mpirun for several CPU processes
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     summary = _run(root, method, launcher=launcher)
     assert summary["world_size"] == 2
     assert summary["steps"] == 6
     out = root / "models" / "trained" / method
-    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / ("adapter_config.json" if lora else "config.json")).exists()
     assert json.loads((out / TRAIN_SUMMARY).read_text())["method"] == method
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
 from rrec.config import Params
 from rrec.items import load_item_table
@@ -40,8 +41,12 @@ def new_policy(params: Params, paths: Paths, device: torch.device | str | None =
 def policy_from_adapter(
     params: Params, paths: Paths, adapter_dir: Path, device: torch.device | str | None = None
 ) -> RecModel:
+    """A trained policy for inference: a LoRA adapter is merged into the weights, which
+    gives the same outputs without LoRA's extra matmuls at every linear layer."""
     lm, tok = load_model_and_tokenizer(params, paths, device=device)
     lm = load_adapter(lm, adapter_dir)
+    if isinstance(lm, PeftModel):
+        lm = lm.merge_and_unload()
     lm.eval()
     return RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
 

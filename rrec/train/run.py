@@ -207,7 +207,7 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
             shutil.rmtree(old, ignore_errors=True)
 
         cfg = LoopConfig(
-            n_examples=len(train_users), batch_size=tp.batch_size, epochs=tp.epochs, max_steps=tp.max_steps,
+            n_examples=len(train_users), batch_size=tp.batch_size, epochs=tp.epochs, max_steps=tp.steps_for(method),
             eval_every=tp.eval_every, checkpoint_every=tp.checkpoint_every, patience=tp.patience, seed=tp.seed,
         )
         progress = run_loop(
