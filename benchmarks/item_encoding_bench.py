@@ -6,7 +6,9 @@
   padding, no tokenisation, no file writes) holding the same total number of tokens.
 
 `encode_items` is timed end to end from chat messages: tokenisation, length sorting,
-dynamic padding, chunk files and the final table. Targets: >= 5x naive, >= 0.8x the
+dynamic padding, the shared prompt head encoded once (its KV cache reused by every
+batch, so the ceiling, which encodes every token, can be beaten), chunk files and the
+final table. Targets: >= 5x naive, >= 0.8x the
 ceiling. The model is the project's built backbone when `models/backbone` holds one,
 else a freshly initialised one sized by `model.tiny` (speed does not depend on the
 weights); the prompts are `data/prompts/items.parquet` when present, else synthetic

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from rrec.config import Params
 from rrec.model.backbone import load_model_and_tokenizer
 from rrec.model.lora import load_adapter
-from rrec.model.wrapper import RecModel
+from rrec.model.wrapper import RecModel, shared_prefix_length
 from rrec.paths import Paths
 
 TABLE_FILE = "table.safetensors"
@@ -286,6 +286,9 @@ def encode_items(
     total = sum(len(order[c * chunk_size : (c + 1) * chunk_size]) for c in mine)
     was_training = rec.training
     rec.eval()
+    # item prompts share the chat template's head and the instruction: encode it once
+    n_shared = shared_prefix_length(prompts)
+    prefix = rec.shared_prefix(prompts[0][:n_shared]) if n_shared and mine else None
     try:
         with (
             torch.no_grad(),
@@ -301,7 +304,8 @@ def encode_items(
                 parts = []
                 for start in range(0, len(ids), batch_size):
                     batch = [prompts[i] for i in ids[start : start + batch_size]]
-                    parts.append(rec.encode(batch).float().cpu())
+                    states = rec.encode_after_prefix(prefix, batch) if prefix else rec.encode(batch)
+                    parts.append(states.float().cpu())
                     bar.update(len(batch))
                 _atomic_save(
                     {"item_ids": torch.tensor(ids, dtype=torch.long), TENSOR: torch.cat(parts)},

@@ -30,6 +30,7 @@ from rrec.items import (
     update_rows,
 )
 from rrec.model import RecModel, build_backbone, load_model_and_tokenizer
+from rrec.model.wrapper import shared_prefix_length
 from rrec.paths import Paths
 from tests.test_model import TINY, tiny_params, write_fixture_prompts
 
@@ -74,6 +75,7 @@ def _encode(rec: RecModel, prompts: list[list[int]], out: Path, **kw: Any) -> to
 def test_batched_encoding_equals_one_at_a_time(setup: Any, tmp_path: Path) -> None:
     _, _, rec, prompts = setup
     assert len({len(p) for p in prompts}) > 5  # lengths vary, so batches are padded
+    assert shared_prefix_length(prompts) > 10  # the encoder takes the shared-prefix path
     table = _encode(rec, prompts, tmp_path / "t")
     with torch.no_grad():
         one_by_one = torch.cat([rec.encode([p]) for p in prompts])
@@ -223,3 +225,15 @@ def test_update_rows_and_errors(tmp_path: Path) -> None:
     rows = [{"item_id": i, "messages": [{"role": "user", "content": f"item {i}"}]} for i in (1, 0)]
     pq.write_table(pa.Table.from_pylist(rows, schema=ITEM_PROMPTS), shuffled)
     assert [m[0]["content"] for m in read_item_prompts(shuffled)] == ["item 0", "item 1"]
+
+
+def test_shared_prefix_length_and_misuse(setup: Any) -> None:
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3]]) == 2  # [1,2,3] keeps one token
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert shared_prefix_length([]) == 0
+    _, _, rec, prompts = setup
+    prefix = rec.shared_prefix(prompts[0][:5])
+    with pytest.raises(ValueError, match="shared prefix"):
+        rec.encode_after_prefix(prefix, [prompts[0][1:]])
+    with torch.no_grad():
+        torch.testing.assert_close(rec.encode_after_prefix(prefix, prompts[:4]), rec.encode(prompts[:4]), atol=1e-5, rtol=1e-5)

@@ -17,13 +17,15 @@ rather than `.answer_states`, so DDP's forward hooks see the pass.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrec.metrics import mask_history
 from rrec.model.tokenizer import ANSWER, END_ANSWER, chat_ids, control_token_id
@@ -79,6 +81,27 @@ def template_tail_length(tokenizer: PreTrainedTokenizerBase) -> int:
         return 0
     suffix = tokenizer.encode(text[end + len(probe) :], add_special_tokens=False)
     return len(suffix) if suffix and list(ids[-len(suffix) :]) == suffix else 0
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of `sequences`, at most the shortest one's
+    length minus one (every sequence keeps a token of its own after the prefix)."""
+    if not sequences:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The decoder's KV cache of a token prefix that many sequences start with."""
+
+    ids: tuple[int, ...]
+    cache: DynamicCache
 
 
 def score(user_states: torch.Tensor, item_table: torch.Tensor, tau: float) -> torch.Tensor:
@@ -219,6 +242,37 @@ class RecModel(nn.Module):
         """Answer states of token-id lists (padded here); gradients as the caller's context."""
         ids, mask = self.pad(sequences)
         return self.answer_states(ids, mask)
+
+    @torch.no_grad()
+    def shared_prefix(self, prefix: Sequence[int]) -> SharedPrefix:
+        """Run `prefix` once through the decoder and keep its KV cache (inference only)."""
+        ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
+        cache = DynamicCache()
+        self.lm.get_decoder()(
+            input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device).unsqueeze(0),
+            past_key_values=cache, use_cache=True,
+        )
+        return SharedPrefix(tuple(prefix), cache)
+
+    @torch.no_grad()
+    def encode_after_prefix(self, prefix: SharedPrefix, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """`encode(sequences)` for sequences that all start with `prefix`, computing only
+        what follows it, on top of the prefix's cache: the same states (up to float
+        rounding) for a fraction of the work when prompts share a long template head."""
+        n = len(prefix.ids)
+        if any(tuple(s[:n]) != prefix.ids or len(s) <= n for s in sequences):
+            raise ValueError("every sequence must start with the shared prefix and go on after it")
+        ids, mask = self.pad([s[n:] for s in sequences])
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(sequences))
+        hidden = self.lm.get_decoder()(
+            input_ids=ids,
+            attention_mask=torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1),
+            position_ids=n + position_ids_from_mask(mask),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        return gather_answer_states(hidden, ids, mask, self.answer_token_id)
 
     # ------------------------------------------------------------ ranking
 
