@@ -9,10 +9,12 @@ import random
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 
 from rrec.config import Params, parse_params
+from rrec.data import clean
 from rrec.data.schema import EXAMPLES, ITEMS
 from rrec.data.window import (
     DROP_REASONS,
@@ -199,6 +201,19 @@ def test_item_cleaning_rules_and_counts(tmp_path: Path) -> None:
     assert items["A01"]["n_interactions"] == len(asins)
 
 
+def test_text_cleaning_spaces_every_control_and_non_ascii_character() -> None:
+    con = duckdb.connect()
+    clean.register(con)
+
+    def cleaned(text: str) -> str:
+        return con.execute("SELECT rrec_clean_text(?)", [text]).fetchone()[0]
+
+    for code in [*range(0x20), 0x7F, 0xA0, 0xE9, 0x2014, 0x1F600]:
+        assert cleaned(f"a{chr(code)}b") == "a b", hex(code)
+    assert cleaned('  say "hi"   \\ ok ') == 'say "hi" \\ ok'
+    assert cleaned('say "hi" \\ ok') == 'say "hi" \\ ok'
+
+
 # -------------------------------------------------------------------- malformed
 
 
@@ -236,6 +251,17 @@ def test_malformed_share_over_threshold_fails_and_leaves_no_outputs(tmp_path: Pa
     assert not paths.processed.exists() or not any(paths.processed.iterdir())
     leftovers = [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_metadata_line_longer_than_32_mib_is_read(tmp_path: Path) -> None:
+    # Too long for the small JSON read buffers: the metadata is read again with large ones.
+    rows = [("u1", "L1", 4.0, ms(2023, 1, 1)), ("u1", "L2", 5.0, ms(2023, 1, 2))]
+    long_line = meta("L1", details={"Notes": "x" * (33 << 20)})
+    paths = setup(tmp_path, rows, [long_line, meta("L2")])
+    stats = run_window(make_params(), paths)
+    name = f"meta_{CAT}.jsonl.gz"
+    assert (stats["lines"][name], stats["malformed"][name]) == (2, 0)
+    assert set(items_by_asin(paths)) == {"L1", "L2"}
 
 
 def test_missing_file_and_wrong_header_are_explained(tmp_path: Path) -> None:

@@ -27,7 +27,8 @@ one and empty ones dropped before joining. Unescaping comes first so that escape
 (`&lt;br&gt;`) is dropped like real markup.
 
 DuckDB has no HTML unescape of its own (the `inet` extension's needs a download), so
-`rrec_unescape` is a vectorised Python UDF; only strings that contain `&` reach Python.
+`rrec_unescape` is a Python UDF (`html.unescape` itself); only strings that contain `&`
+reach Python.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from __future__ import annotations
 import html
 
 import duckdb
-import pyarrow as pa
-import pyarrow.compute as pc
 
 # Drop reasons of one metadata line, in the order they are checked.
 ITEM_REASONS: tuple[str, ...] = (
@@ -52,31 +51,27 @@ _TAG = r"</?[A-Za-z!][^<>]*>"
 _NOT_PRINTABLE_ASCII = r"[^\x20-\x7E]"
 
 
-def _unescape_arrow(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """`html.unescape` over a string array; strings without `&` never enter Python."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    mask = pc.fill_null(pc.match_substring(values, "&"), False)
-    if not pc.any(mask).as_py():
-        return values
-    fixed = [html.unescape(v) for v in pc.filter(values, mask).to_pylist()]
-    return pc.replace_with_mask(values, mask, pa.array(fixed, values.type))
-
-
 def register(con: duckdb.DuckDBPyConnection) -> None:
     """Define `rrec_unescape` and the cleaning macros (`rrec_clean_text(s)`,
     `rrec_clean_title(s)`, `rrec_clean_list(list, sep)`, ...) on `con`."""
-    con.create_function(
-        "rrec_unescape", _unescape_arrow, ["VARCHAR"], "VARCHAR", type="arrow", side_effects=False
-    )
+    # One Python call per string, NULL stays NULL; the guards keep strings without `&` out.
+    con.create_function("rrec_unescape", html.unescape, ["VARCHAR"], "VARCHAR", side_effects=False)
     # The guards: most strings need no change, and a test that fails is one cheap scan.
     macros = {
         "rrec_unescape_if(s)": "CASE WHEN contains(s, '&') THEN rrec_unescape(s) ELSE s END",
         "rrec_drop_tags(s)": (
             f"CASE WHEN contains(s, '<') THEN regexp_replace(s, '{_TAG}', ' ', 'g') ELSE s END"
         ),
+        # Cheaper than a regular expression, and true whenever one would match
+        # `[^\x20-\x7E]|  |^ | $`: non-ASCII makes the byte length exceed the character
+        # count, and JSON escapes every control character (and `"` and `\`, false alarms).
+        "rrec_needs_squash(s)": (
+            "strlen(s) <> length(s) OR strlen(to_json(s)) <> strlen(s) + 2 "
+            "OR contains(s, chr(127)) OR contains(s, '  ') OR starts_with(s, ' ') "
+            "OR ends_with(s, ' ')"
+        ),
         "rrec_squash(s)": (
-            f"CASE WHEN regexp_matches(s, '{_NOT_PRINTABLE_ASCII}|  |^ | $') THEN trim("
+            "CASE WHEN rrec_needs_squash(s) THEN trim("
             f"regexp_replace(regexp_replace(s, '{_NOT_PRINTABLE_ASCII}', ' ', 'g'), ' {{2,}}', "
             "' ', 'g')) ELSE s END"
         ),
@@ -87,11 +82,14 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
         ),
         "rrec_clean_title(s)": "rrec_clean_unescaped_title(rrec_unescape_if(s))",
         # Joined with spaces, empty elements vanish when the spaces collapse; with another
-        # separator they are dropped one by one.
+        # separator they are dropped one by one. There, rrec_clean_text runs one step per
+        # lambda: a macro repeats its argument expression wherever it uses it, and DuckDB
+        # does not share those repeats inside a lambda.
         "rrec_clean_list(xs, sep)": (
             "coalesce(CASE WHEN sep = ' ' THEN rrec_clean_text(array_to_string(xs, ' ')) "
-            "ELSE array_to_string(list_filter(list_transform(xs, lambda x: rrec_clean_text(x)), "
-            "lambda x: x <> ''), sep) END, '')"
+            "ELSE array_to_string(list_filter(list_transform(list_transform(list_transform("
+            "xs, lambda x: rrec_unescape_if(x)), lambda x: rrec_drop_tags(x)), "
+            "lambda x: coalesce(rrec_squash(x), '')), lambda x: x <> ''), sep) END, '')"
         ),
         "rrec_word_count(s)": (
             "CASE WHEN s = '' THEN 0 ELSE length(s) - length(replace(s, ' ', '')) + 1 END"
@@ -102,10 +100,11 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def item_validity_sql(source: str, max_title_words: int) -> str:
-    """A query over `source` (columns line_no, parent_asin, title JSON, price JSON, ...)
-    returning every line with a non-empty parent_asin, its cleaned `title`, its `price`
-    (DOUBLE or NULL) and `reason` (NULL when valid, else one of ITEM_REASONS except
-    duplicate_meta, which needs the file order and is decided by the caller)."""
+    """A query over `source` (columns parent_asin, title JSON, price JSON and any others,
+    which pass through in order) that replaces `title` by the cleaned title and `price` by
+    a DOUBLE or NULL, and adds `reason`: NULL when the line is valid, else one of
+    ITEM_REASONS except duplicate_meta, which needs the file order and is decided by the
+    caller. Every line is returned, malformed ones too: the caller counts those apart."""
     return f"""
         WITH typed AS (
             SELECT *,
@@ -118,13 +117,11 @@ def item_validity_sql(source: str, max_title_words: int) -> str:
                         THEN TRY_CAST(price AS DOUBLE)
                 END AS price_value
             FROM {source}
-            WHERE parent_asin IS NOT NULL AND parent_asin <> ''
         ), cleaned AS (
             SELECT *, rrec_clean_unescaped_title(title_unescaped) AS title_clean FROM typed
         )
-        SELECT * EXCLUDE (title, price, title_unescaped, title_clean, price_value),
-            title_clean AS title,
-            price_value AS price,
+        SELECT * EXCLUDE (title_unescaped, title_clean, price_value)
+                REPLACE (title_clean AS title, price_value AS price),
             CASE
                 WHEN title_unescaped IS NULL THEN 'missing_title'
                 WHEN contains(title_unescaped, '<span id') THEN 'span_title'

@@ -15,7 +15,8 @@ their way into Parquet. The steps, in order, with the counter each one feeds:
    the data lines (CSV header and blank lines excluded). Only the metadata connection
    preserves insertion order, so that its rowid is the line order.
 2. Items: the rules of `rrec.data.clean` (missing_title, span_title, short_title,
-   long_title, bad_price, duplicate_meta), one reason per metadata line.
+   long_title, bad_price, duplicate_meta), one reason per metadata line; all but
+   duplicate_meta are checked while the metadata is read.
 3. Interactions whose item has no valid metadata are dropped (`no_metadata`).
 4. The window: `end` = the end of `window.end` (UTC, inclusive); `start` = midnight UTC
    of `window.end` minus `months` calendar months (a day past the end of a shorter month
@@ -50,6 +51,7 @@ the stats last, so a failed run leaves nothing that looks finished.
 
 from __future__ import annotations
 
+import bisect
 import calendar
 import datetime as dt
 import gzip
@@ -62,12 +64,11 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -214,15 +215,31 @@ def _read_interactions(
     return rows + rejected, bad + rejected
 
 
-def _read_meta(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[int, int]:
-    """Create `meta_raw` in file order (rowid = line order); return (lines, malformed)."""
+def _read_meta(con: duckdb.DuckDBPyConnection, path: Path, max_title_words: int) -> tuple[int, int]:
+    """Create `meta_raw` in file order (rowid = line order), with the cleaned title, the
+    price and the drop reason of every line (`rrec.data.clean`); return (lines, malformed)."""
     # Only this connection keeps the file order: it decides which duplicate comes first.
     con.execute("SET SESSION preserve_insertion_order = true")
-    con.execute(
-        "CREATE OR REPLACE TABLE meta_raw AS SELECT * FROM read_json("
-        f"{_q(path)}, format='newline_delimited', ignore_errors=true, "
-        f"maximum_object_size=268435456, columns={_META_COLUMNS})"
-    )
+
+    def create(max_object_size: int) -> None:
+        source = (
+            f"read_json({_q(path)}, format='newline_delimited', ignore_errors=true, "
+            f"maximum_object_size={max_object_size}, columns={_META_COLUMNS})"
+        )
+        # The title and price checks run in the reading pipeline, on the threads that parse.
+        con.execute(
+            "CREATE OR REPLACE TABLE meta_raw AS "
+            + clean.item_validity_sql(source, max_title_words)
+        )
+
+    # DuckDB reads JSON in buffers of twice the maximum object size: small ones let both
+    # threads decompress and parse; a line over 32 MiB needs the large ones (up to 512 MiB).
+    try:
+        create(16 << 20)
+    except duckdb.InvalidInputException as err:
+        if "maximum_object_size" not in str(err):
+            raise
+        create(256 << 20)
     rows, ok = con.execute(
         "SELECT count(*), count_if(parent_asin IS NOT NULL AND parent_asin <> '') FROM meta_raw"
     ).fetchall()[0]
@@ -242,12 +259,17 @@ def _check_malformed(path: Path, lines: int, malformed: int, limit: float) -> No
 
 
 def _read_both(
-    con: duckdb.DuckDBPyConnection, inter_path: Path, fmt: str, meta_path: Path, end_excl: int
+    con: duckdb.DuckDBPyConnection,
+    inter_path: Path,
+    fmt: str,
+    meta_path: Path,
+    end_excl: int,
+    max_title_words: int,
 ) -> dict[Path, tuple[int, int]]:
     """Both files at once: DuckDB decompresses one gzip stream per thread."""
     jobs: dict[Path, Callable[[duckdb.DuckDBPyConnection], tuple[int, int]]] = {
         inter_path: lambda c: _read_interactions(c, inter_path, fmt, end_excl),
-        meta_path: lambda c: _read_meta(c, meta_path),
+        meta_path: lambda c: _read_meta(c, meta_path, max_title_words),
     }
     cursors = {p: con.cursor() for p in jobs}
     out: dict[Path, tuple[int, int]] = {}
@@ -270,27 +292,24 @@ def _read_both(
 # ------------------------------------------------------------------------- steps
 
 
-def _clean_items(con: duckdb.DuckDBPyConnection, max_title_words: int) -> dict[str, int]:
-    """Create `meta_valid(parent_asin, line_no, title, price)`; return drops per reason."""
-    source = "(SELECT rowid AS line_no, parent_asin, title, price FROM meta_raw)"
+def _clean_items(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Create `meta_valid(parent_asin, line_no)`, the first valid line of each item;
+    return drops per reason."""
     con.execute(
-        "CREATE OR REPLACE TABLE meta_checked AS "
-        + clean.item_validity_sql(source, max_title_words)
-    )
-    con.execute(
-        "CREATE OR REPLACE TABLE meta_valid AS SELECT parent_asin, line_no, title, price "
-        "FROM meta_checked WHERE reason IS NULL "
-        "QUALIFY row_number() OVER (PARTITION BY parent_asin ORDER BY line_no) = 1"
+        "CREATE OR REPLACE TABLE meta_valid AS SELECT parent_asin, min(rowid) AS line_no "
+        "FROM meta_raw WHERE reason IS NULL AND parent_asin <> '' GROUP BY parent_asin"
     )
     drops = {r: 0 for r in clean.ITEM_REASONS}
+    n_ok = 0
     for reason, n in con.execute(
-        "SELECT reason, count(*) FROM meta_checked WHERE reason IS NOT NULL GROUP BY reason"
+        "SELECT reason, count(*) FROM meta_raw WHERE parent_asin <> '' GROUP BY reason"
     ).fetchall():
-        drops[reason] = n
-    (n_ok,) = con.execute("SELECT count(*) FROM meta_checked WHERE reason IS NULL").fetchall()[0]
+        if reason is None:
+            n_ok = n
+        else:
+            drops[reason] = n
     (n_kept,) = con.execute("SELECT count(*) FROM meta_valid").fetchall()[0]
     drops["duplicate_meta"] = n_ok - n_kept
-    con.execute("DROP TABLE meta_checked")
     return drops
 
 
@@ -311,17 +330,12 @@ def _choose_window(
             f"{_utc_date(t_max)}; the timestamps look like seconds, and the Amazon Reviews "
             f"2023 files use milliseconds: convert the file (timestamp * 1000)"
         )
-    last = np.sort(
-        np.asarray(
-            con.execute(
-                "SELECT s.last_ts FROM item_span s JOIN meta_valid v USING (parent_asin) "
-                "WHERE s.last_ts IS NOT NULL"
-            ).fetchnumpy()["last_ts"],
-            dtype=np.int64,
-        )
-    )
+    (last,) = con.execute(
+        "SELECT coalesce(list(s.last_ts ORDER BY s.last_ts), []) "
+        "FROM item_span s JOIN meta_valid v USING (parent_asin) WHERE s.last_ts IS NOT NULL"
+    ).fetchone()
     con.execute("DROP TABLE item_span")
-    if last.size == 0:
+    if not last:
         span = "no usable interactions at all" if t_min is None else (
             f"interactions from {_utc_date(t_min)}"
             + (f" to {_utc_date(t_max)}" if t_max is not None else "")
@@ -334,7 +348,7 @@ def _choose_window(
     k = 0
     while True:
         start = months_before(w.end, w.months + k)
-        n_items = int(last.size - np.searchsorted(last, _ms(start), side="left"))
+        n_items = len(last) - bisect.bisect_left(last, _ms(start))
         if n_items >= w.min_items:
             return start, k, int(n_valid), int(n_invalid), True
         if _ms(start) <= earliest:
@@ -379,20 +393,22 @@ def _kcore(con: duckdb.DuckDBPyConnection, k: int) -> int:
     return deleted
 
 
-def _examples(con: duckdb.DuckDBPyConnection, max_history: int) -> int:
-    """Create `examples` in the global temporal order; return how many."""
+def _item_ids(con: duckdb.DuckDBPyConnection) -> None:
+    """Create `item_ids(parent_asin, item_id, n_interactions)`, ids in parent_asin order."""
     con.execute(
         "CREATE OR REPLACE TABLE item_ids AS SELECT parent_asin, "
         "(row_number() OVER (ORDER BY parent_asin) - 1)::INTEGER AS item_id, "
         "count(*) AS n_interactions FROM win GROUP BY parent_asin"
     )
+
+
+def _examples_query(max_history: int) -> str:
+    """All examples, in example_id order."""
     history = (
         f"OVER (PARTITION BY user_id ORDER BY ts, item_id "
         f"ROWS BETWEEN {int(max_history)} PRECEDING AND 1 PRECEDING)"
     )
-    con.execute(
-        f"""
-        CREATE OR REPLACE TABLE examples AS
+    return f"""
         WITH seq AS (
             SELECT w.user_id, i.item_id, w.rating::FLOAT AS rating, w.ts,
                 row_number() OVER (PARTITION BY w.user_id ORDER BY w.ts, i.item_id) AS pos,
@@ -406,10 +422,8 @@ def _examples(con: duckdb.DuckDBPyConnection, max_history: int) -> int:
             h_ts AS history_timestamps, item_id AS target_item_id, rating AS target_rating,
             ts AS target_timestamp
         FROM seq WHERE pos > 1
-        """
-    )
-    (n,) = con.execute("SELECT count(*) FROM examples").fetchall()[0]
-    return int(n)
+        ORDER BY example_id
+    """
 
 
 def _write_parquet(
@@ -422,41 +436,59 @@ def _write_parquet(
             writer.write_batch(batch.select(schema.names).cast(schema))
 
 
-def _write_outputs(
-    con: duckdb.DuckDBPyConnection, staging: Path, paths: Paths, sizes: tuple[int, int, int]
+def _write_examples(
+    con: duckdb.DuckDBPyConnection, max_history: int, sizes: tuple[int, int, int], dests: list[Path]
 ) -> None:
-    """The three splits (on a second connection and thread) while the items are cleaned."""
+    """Stream the examples once, in example_id order, cutting them into the split files."""
+    reader = con.sql(_examples_query(max_history)).to_arrow_reader(batch_size=65_536)
+    with ExitStack() as stack:
+        writers = [
+            stack.enter_context(pq.ParquetWriter(d, EXAMPLES, compression="zstd")) for d in dests
+        ]
+        first = 0  # example_id of the batch's first row
+        for batch in reader:
+            batch = batch.select(EXAMPLES.names).cast(EXAMPLES)
+            lo = 0  # example_id where the split starts
+            for writer, size in zip(writers, sizes, strict=True):
+                a, b = max(lo - first, 0), min(lo + size - first, batch.num_rows)
+                if a < b:
+                    writer.write_batch(batch.slice(a, b - a))
+                lo += size
+            first += batch.num_rows
 
-    def write_splits(cur: duckdb.DuckDBPyConnection) -> None:
-        lo = 0
-        for split, size in zip(SPLITS, sizes, strict=True):
-            _write_parquet(
-                cur,
-                f"SELECT * FROM examples WHERE example_id >= {lo} AND example_id < {lo + size} "
-                "ORDER BY example_id",
-                EXAMPLES,
-                staging / paths.split_file(split).name,
-            )
-            lo += size
 
+def _write_outputs(
+    con: duckdb.DuckDBPyConnection,
+    staging: Path,
+    paths: Paths,
+    sizes: tuple[int, int, int],
+    max_history: int,
+) -> None:
+    """The items (text cleaning, on a second connection and thread) while the examples are
+    built and split."""
+    _item_ids(con)
     cursor = con.cursor()
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            splits_done = pool.submit(write_splits, cursor)
-            _write_parquet(con, _ITEMS_QUERY, ITEMS, staging / paths.items_file.name)
-            splits_done.result()
+            items_done = pool.submit(
+                _write_parquet, cursor, _ITEMS_QUERY, ITEMS, staging / paths.items_file.name
+            )
+            _write_examples(
+                con, max_history, sizes, [staging / paths.split_file(s).name for s in SPLITS]
+            )
+            items_done.result()
     finally:
         cursor.close()
 
 
 _ITEMS_QUERY = """
-    SELECT i.item_id, i.parent_asin, v.title,
+    SELECT i.item_id, i.parent_asin, m.title,
         rrec_clean_list(m.description, ' ') AS description,
         rrec_clean_list(m.features, ' ') AS features,
         rrec_clean_text(m.store) AS store,
         rrec_clean_list(m.categories, ' > ') AS categories,
         rrec_clean_text(m.main_category) AS main_category,
-        v.price, m.average_rating, m.rating_number, i.n_interactions
+        m.price, m.average_rating, m.rating_number, i.n_interactions
     FROM item_ids i
     JOIN meta_valid v USING (parent_asin)
     JOIN meta_raw m ON m.rowid = v.line_no
@@ -523,13 +555,13 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
         con.execute("SET enable_progress_bar = false")
         clean.register(con)
         end_excl = _ms(w.end + dt.timedelta(days=1))
-        with phase("read interactions and metadata"):
-            counts = _read_both(con, inter_path, fmt, meta_path, end_excl)
+        with phase("read interactions and metadata, check items"):
+            counts = _read_both(con, inter_path, fmt, meta_path, end_excl, w.max_title_words)
         for p, (lines, malformed) in counts.items():
             _check_malformed(p, lines, malformed, w.max_malformed_share)
 
-        with phase("clean items"):
-            drops = _clean_items(con, w.max_title_words)
+        with phase("drop duplicate metadata"):
+            drops = _clean_items(con)
         with phase("choose the window"):
             start, rolled, n_valid, n_no_meta, reached = _choose_window(con, w, inter_path)
         drops["no_metadata"] = n_no_meta
@@ -539,8 +571,10 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
         drops["duplicate_interactions"] = n_in - n_kept
         with phase("k-core"):
             drops["kcore"] = _kcore(con, w.kcore)
-        with phase("examples"):
-            n_examples = _examples(con, w.max_history)
+        users, items, interactions = con.execute(
+            "SELECT count(DISTINCT user_id), count(DISTINCT parent_asin), count(*) FROM win"
+        ).fetchall()[0]
+        n_examples = int(interactions - users)  # every interaction but each user's first
         if n_examples == 0:
             raise WindowError(
                 f"{inter_path}: the window {start} .. {w.end} yields no example (no user has "
@@ -549,11 +583,8 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
             )
         sizes = split_sizes(n_examples, w.split)
         with phase("write examples and items"):
-            _write_outputs(con, staging, paths, sizes)
+            _write_outputs(con, staging, paths, sizes, w.max_history)
 
-        users, items, interactions = con.execute(
-            "SELECT count(DISTINCT user_id), count(DISTINCT parent_asin), count(*) FROM win"
-        ).fetchall()[0]
         stats: dict[str, Any] = {
             "category": category,
             "users": int(users),
@@ -603,12 +634,12 @@ def clean_meta_file(
         con.execute("SET enable_progress_bar = false")
         clean.register(con)
         try:
-            lines, malformed = _read_meta(con, Path(path))
+            lines, malformed = _read_meta(con, Path(path), max_title_words)
         except duckdb.Error as err:
             raise ValueError(
                 f"{path}: could not be read as Amazon metadata JSONL ({err}); one JSON object a line"
             ) from err
-        drops = _clean_items(con, max_title_words)
+        drops = _clean_items(con)
         con.execute(
             "CREATE TABLE item_ids AS SELECT parent_asin, "
             "(row_number() OVER (ORDER BY line_no) - 1)::INTEGER AS item_id, "
