@@ -7,6 +7,7 @@ in the wall time of the repro is orchestration: process start-up and imports, DV
 (hashing, lock file), Prefect (flow runs, API calls) and the server start.
 
     python benchmarks/orchestration_overhead.py                 # forces a full repro here
+    python benchmarks/orchestration_overhead.py --no-stage-server   # ... each stage imports for itself
     python benchmarks/orchestration_overhead.py --plain         # plain `dvc repro` (temporary servers)
     python benchmarks/orchestration_overhead.py --log repro.log --wall 612.3   # parse a finished run
 """
@@ -14,6 +15,7 @@ in the wall time of the repro is orchestration: process start-up and imports, DV
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -35,7 +37,8 @@ def report(compute: dict[str, float], wall: float) -> str:
     lines += [
         f"{'sum of stage compute':<24}{total:>10.1f}",
         f"{'dvc repro wall':<24}{wall:>10.1f}",
-        f"orchestration + start-up: {over:.1f} s = {100 * over / wall:.1f} % of the wall time",
+        f"orchestration + start-up: {over:.1f} s = {100 * over / wall:.1f} % of the wall time"
+        + (f", {over / len(compute):.1f} s per stage" if compute else ""),
     ]
     return "\n".join(lines)
 
@@ -44,6 +47,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=".", help="the project (a DVC repository)")
     ap.add_argument("--plain", action="store_true", help="plain `dvc repro`: each stage starts a temporary Prefect server")
+    ap.add_argument(
+        "--no-stage-server", action="store_true",
+        help="without the stage server (flows/stage_server.py): every stage imports its libraries itself",
+    )
     ap.add_argument("--log", help="parse this captured stdout of a finished repro instead of running one")
     ap.add_argument("--wall", type=float, help="with --log: the measured wall time of that repro, seconds")
     args = ap.parse_args()
@@ -54,8 +61,9 @@ def main() -> None:
         return
     cmd = [sys.executable, "-m", "dvc", "repro", "-f"] if args.plain else [
         sys.executable, "-m", "flows.pipeline", "repro", "-f"]
+    env = {**os.environ, "RREC_FORK_STAGES": "0"} if args.no_stage_server else None
     start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=args.root, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=args.root, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")

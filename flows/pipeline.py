@@ -9,7 +9,9 @@ and resumes at the first one whose inputs changed or whose outputs are missing.
 Every `python -m flows.run STAGE` that DVC starts is a Prefect client. Without
 `PREFECT_API_URL` each of them would start (and stop) its own temporary Prefect
 server; the flow here passes its own API URL to the stages instead, and
-`repro_with_server` starts one server for a plain `dvc repro`.
+`repro_with_server` starts one server for a plain `dvc repro`. Both also start a stage
+server (flows/stage_server.py) for the stages to fork from, so that a stage does not
+spend its first seconds importing Prefect, torch, transformers and MLflow again.
 
     python -m flows.pipeline run [--stage window --stage prompts]
     python -m flows.pipeline repro [-- <dvc repro arguments>]
@@ -18,6 +20,7 @@ server; the flow here passes its own API URL to the stages instead, and
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import logging
 import os
@@ -41,6 +44,8 @@ import typer
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.stage_server import stage_server
+
 log = logging.getLogger(__name__)
 
 DOWNLOAD_STAGE = "download"
@@ -48,6 +53,8 @@ TAIL_LINES = 30
 # tqdm redraws its bar with "\r"; such lines are logged at most this often per stream.
 PROGRESS_LOG_EVERY_S = 10.0
 _SKIP_MARKERS = ("didn't change, skipping", "is cached - skipping run")
+# The environment for DVC while `shared_stage_processes` is active.
+_DVC_ENV: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("_DVC_ENV", default=None)
 
 
 class StageFailed(RuntimeError):
@@ -189,10 +196,27 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_dvc(args: Sequence[str], root: Path) -> CommandResult:
+@contextlib.contextmanager
+def shared_stage_processes(root: str | Path = ".") -> Iterator[dict[str, str]]:
+    """For the block, `run_dvc` gives DVC's stages the Prefect API of this process and a
+    stage server to fork from (flows/stage_server.py); yields that environment."""
+    with stage_server(child_env(), root) as env:
+        token = _DVC_ENV.set(env)
+        try:
+            yield env
+        finally:
+            _DVC_ENV.reset(token)
+
+
+def run_dvc(args: Sequence[str], root: Path, share_stages: bool = False) -> CommandResult:
     """`dvc <args>` in `root`, its output streamed to the current Prefect run's logger.
+    `share_stages`: with a stage server of its own (see `shared_stage_processes`), for a
+    command that runs many stages.
 
     Raises `StageFailed` with the end of stderr when DVC exits non-zero."""
+    if share_stages and _DVC_ENV.get() is None:
+        with shared_stage_processes(root):
+            return run_dvc(args, root)
     logger = get_run_logger()
     cmd = [*dvc_command(), *args]
     shown = "dvc " + " ".join(args)
@@ -201,7 +225,7 @@ def run_dvc(args: Sequence[str], root: Path) -> CommandResult:
     def log_line(stream: str, text: str) -> None:
         (logger.warning if stream == "stderr" and "ERROR" in text else logger.info)(text)
 
-    result = run_streaming(cmd, root, log_line, env=child_env())
+    result = run_streaming(cmd, root, log_line, env=_DVC_ENV.get() or child_env())
     if result.returncode != 0:
         tail = result.stderr_tail or result.stdout_tail
         body = "\n".join(f"  {line}" for line in tail) or "  (no output)"
@@ -256,11 +280,12 @@ def pipeline_flow(
     selected = _select(stages, root)
     logger.info("stages to reproduce: %s", ", ".join(selected))
     outcome: dict[str, str] = {}
-    for stage in selected:
-        step = repro_stage.with_options(name=f"repro-{stage}")
-        if stage == DOWNLOAD_STAGE and download_retries > 0:
-            step = step.with_options(retries=download_retries, retry_delay_seconds=retry_delay_s)
-        outcome[stage] = step(stage, root)
+    with shared_stage_processes(root):
+        for stage in selected:
+            step = repro_stage.with_options(name=f"repro-{stage}")
+            if stage == DOWNLOAD_STAGE and download_retries > 0:
+                step = step.with_options(retries=download_retries, retry_delay_seconds=retry_delay_s)
+            outcome[stage] = step(stage, root)
     return outcome
 
 
@@ -351,9 +376,19 @@ def prefect_server(
 
 def repro_with_server(dvc_args: Sequence[str] = (), root: str | Path = ".") -> int:
     """`dvc repro <dvc_args>` in `root` with every stage's flow reporting to one Prefect
-    server (started here unless `PREFECT_API_URL` is set); returns DVC's exit status."""
-    with prefect_server() as api_url:
-        env = {**os.environ, "PREFECT_API_URL": api_url}
+    server (started here unless `PREFECT_API_URL` is set) and forked from one stage
+    server (flows/stage_server.py, which imports while the Prefect server starts);
+    returns DVC's exit status."""
+    from prefect.settings import PREFECT_API_URL
+
+    existing = PREFECT_API_URL.value()
+    port = None if existing else free_port()
+    api_url = existing or f"http://127.0.0.1:{port}/api"
+    with (
+        stage_server({**os.environ, "PREFECT_API_URL": api_url}, root) as env,
+        prefect_server(port=port) as served,
+    ):
+        assert served == api_url, (served, api_url)
         proc = subprocess.Popen([*dvc_command(), "repro", *dvc_args], cwd=Path(root), env=env)
         try:
             return proc.wait()

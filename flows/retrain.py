@@ -37,8 +37,9 @@ DEPLOYMENT = "rrec-retrain"
 def run_dvc(args: Sequence[str], root: Path) -> None:
     """`dvc <args>` in `root`, output streamed to the Prefect logger; raises on failure.
 
-    The one place this flow touches DVC: tests replace it with a fake pipeline."""
-    pipeline.run_dvc(args, root)
+    The one place this flow touches DVC: tests replace it with a fake pipeline. A whole
+    `dvc repro` gets a stage server for its stages to fork from (flows/stage_server.py)."""
+    pipeline.run_dvc(args, root, share_stages=list(args) == ["repro"])
 
 
 # ------------------------------------------------------------------ params.yaml edit
