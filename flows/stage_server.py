@@ -25,7 +25,8 @@ exit status, and each stage still runs in a process of its own:
 The stage process runs the stage itself, as before, whenever there is no server, it is
 not ready yet (it only listens once its imports are done), or it was started with a
 different interpreter, interpreter options or environment (variables DVC and the shell
-set for a stage, `DVC_*`, `PWD`, `OLDPWD`, `SHLVL`, `_` and `PATH`, may differ).
+set for a stage, `DVC_*`, `PWD`, `OLDPWD`, `SHLVL`, `_`, `PATH` and the shell's prompt
+and layout variables, may differ).
 
 Linux only (fork, `SCM_RIGHTS`). `RREC_FORK_STAGES=0` turns it off.
 """
@@ -57,7 +58,10 @@ PROTOCOL = 1
 PROJECT_PACKAGES = ("rrec", "flows")
 # Set by DVC (`DVC_ROOT`, `DVC_STAGE`, experiments) or the shell that runs a stage's
 # command; none of them is read while the libraries are imported.
-_ENV_MAY_DIFFER = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "PATH", "RREC_STAGE_SERVER_DEBUG"})
+_ENV_MAY_DIFFER = frozenset(
+    {"PWD", "OLDPWD", "SHLVL", "_", "PATH", "PS1", "PS2", "PS4", "IFS", "OPTIND", "COLUMNS", "LINES",
+     "RREC_STAGE_SERVER_DEBUG"}
+)
 # What the stages import: the server imports these, then forgets the project's own
 # modules again and keeps the third-party ones. Failures are ignored (a stage that
 # needs a module that failed here imports it itself, or fails as it would have).
