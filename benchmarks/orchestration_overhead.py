@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,11 @@ def main() -> None:
         "--no-stage-server", action="store_true",
         help="without the stage server (flows/stage_server.py): every stage imports its libraries itself",
     )
+    ap.add_argument(
+        "--keep-checkpoints", action="store_true",
+        help="keep checkpoints/: a forced train stage then resumes from the finished run's last checkpoint "
+        "and trains nothing (by default they are removed, so that training is measured)",
+    )
     ap.add_argument("--log", help="parse this captured stdout of a finished repro instead of running one")
     ap.add_argument("--wall", type=float, help="with --log: the measured wall time of that repro, seconds")
     args = ap.parse_args()
@@ -62,6 +68,8 @@ def main() -> None:
     cmd = [sys.executable, "-m", "dvc", "repro", "-f"] if args.plain else [
         sys.executable, "-m", "flows.pipeline", "repro", "-f"]
     env = {**os.environ, "RREC_FORK_STAGES": "0"} if args.no_stage_server else None
+    if not args.keep_checkpoints:
+        shutil.rmtree(Path(args.root) / "checkpoints", ignore_errors=True)
     start = time.perf_counter()
     out = subprocess.run(cmd, cwd=args.root, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start

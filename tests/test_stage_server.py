@@ -56,7 +56,8 @@ def test_a_forked_stage_writes_its_outputs_and_exits_0(served) -> None:
 
 def test_a_forked_stage_passes_its_errors_and_exit_status_back(served) -> None:
     root, env = served
-    out = _flows_run(["no_such_stage", "--root", str(root)], env, ROOT)
+    # an interactive shell's prompt differs from the server's: no reason not to fork
+    out = _flows_run(["no_such_stage", "--root", str(root)], {**env, "PS1": "rrec$ "}, ROOT)
     assert out.returncode == 2
     assert "stage server: running in forked process" in out.stderr
     assert "unknown stage 'no_such_stage'" in out.stderr
