@@ -16,19 +16,12 @@ request has a timeout.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -37,54 +30,7 @@ from tqdm.auto import tqdm
 from rrec.config import load_params
 from rrec.evaluate import load_user_prompts
 from rrec.paths import Paths
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-
-@contextmanager
-def mlflow_server(model_uri: str, workers: int, log_file: Path, start_timeout: float) -> Iterator[str]:
-    """`mlflow models serve` in its own process group; yields its URL once /ping answers."""
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + start_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"mlflow models serve exited ({proc.returncode}):\n{_tail(log_file)}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"mlflow models serve did not answer /ping in {start_timeout:.0f} s:\n{_tail(log_file)}"
-                    )
-                try:
-                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                time.sleep(0.5)
-            print(f"server pid {proc.pid} answering at {url}", flush=True)
-            yield url
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            print(f"server pid {proc.pid} stopped", flush=True)
+from rrec.serve.server import model_server
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -171,7 +117,8 @@ def main() -> None:
 
             params = load_params(args.root / args.params)
             model_uri = str(save_pyfunc(params, paths, args.method, Path(tmp) / "model"))
-        with mlflow_server(model_uri, args.workers, Path(tmp) / "server.log", args.start_timeout) as url:
+        with model_server(model_uri, Path(tmp) / "server.log", workers=args.workers, start_timeout=args.start_timeout) as url:
+            print(f"server answering at {url}", flush=True)
             run_load(url, histories, args.clients, args.requests, args.k, args.timeout)
 
 

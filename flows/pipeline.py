@@ -26,8 +26,6 @@ import logging
 import os
 import queue
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,13 +36,14 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated
 
 import typer
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.stage_server import stage_server
+from rrec.processes import free_port, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -292,12 +291,6 @@ def pipeline_flow(
 # ------------------------------------------------------------ one server for `dvc repro`
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _prefect_cli() -> list[str]:
     beside = Path(sys.executable).with_name("prefect")
     if beside.exists():
@@ -312,18 +305,6 @@ def _healthy(api_url: str) -> bool:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def stop_process(proc: subprocess.Popen[Any], grace_s: float = 20.0) -> None:
-    """SIGTERM the process by its id, then SIGKILL it if it has not exited after `grace_s`."""
-    if proc.poll() is not None:
-        return
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @contextlib.contextmanager

@@ -18,8 +18,6 @@ import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import urllib.error  # noqa: E402
@@ -30,6 +28,7 @@ from typing import Any  # noqa: E402
 import typer  # noqa: E402
 
 from rrec.config import ConfigError  # noqa: E402
+from rrec.processes import free_port, stop_process  # noqa: E402
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -59,9 +58,7 @@ class TemporaryServer:
     process id at exit, after Prefect has flushed its logs and events to it."""
 
     def __init__(self) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         prefect_dir = os.path.dirname(importlib.util.find_spec("prefect").origin)  # type: ignore[arg-type, union-attr]
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
@@ -105,14 +102,8 @@ class TemporaryServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, grace_s=5)
 
 
 def _start_early_server() -> TemporaryServer | None:

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rrec.processes import stop_process
+
 ENV_SOCKET = "RREC_STAGE_SERVER"
 ENV_ENABLE = "RREC_FORK_STAGES"
 PROTOCOL = 1
@@ -591,13 +593,7 @@ def stage_server(env: Mapping[str, str], root: str | Path = ".") -> Iterator[dic
     try:
         yield served
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_GRACE_S + 10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, grace_s=STOP_GRACE_S + 10)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +28,7 @@ from rrec.serve import (
     remove_items,
     serving_dir,
 )
+from rrec.serve.server import model_server
 from rrec.train.policy import TRAIN_SUMMARY
 from tests.conftest import TINY_OVERRIDES, write_params
 
@@ -345,15 +340,9 @@ def test_pyfunc_logged_and_reloaded_answers_like_the_api(
         assert err.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(
-    trained, store: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    trained, store: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
     """`mlflow models serve` of the registered champion, on a free 127.0.0.1 port."""
     from rrec import registry
@@ -364,40 +353,8 @@ def served(
     name = registry.model_name(params.data.category)
     uri = log_pyfunc(params, paths, "recpo", registered_model_name=name)
     registry.set_alias(name, registry.CHAMPION, uri.rsplit("/", 1)[1], root=paths.root)
-    port = _free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = (paths.root / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@{registry.CHAMPION}",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-
-    def stop() -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (uvicorn is its child)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
-
-    request.addfinalizer(stop)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited: {(paths.root / 'serve.log').read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise AssertionError("mlflow models serve did not answer /ping within 120 s")
-    yield url
+    with model_server(f"models:/{name}@{registry.CHAMPION}", paths.root / "serve.log") as url:
+        yield url
 
 
 def test_served_model_answers_over_http(served: str, base: Recommender, histories):
