@@ -44,9 +44,7 @@ def test_rows_stopping_early_and_left_padding():
     torch.manual_seed(2)
     model = tiny_recmodel()
     # make <answer> likely so that some rows stop before max_new_tokens
-    with torch.no_grad():
-        model.lm.lm_head.weight[model.answer_token_id] *= 0
-        model.lm.lm_head.weight[model.answer_token_id] += model.lm.lm_head.weight.mean(0)
+    _answer_likely(model)
     prompts = [p[: 5 + 7 * i] for i, p in enumerate(_prompts(model, 4))]
     roll = HFEngine(temperature=3.0, top_k=0, max_new_tokens=8).generate(model, prompts, group_size=3)
     for row, seq in enumerate(roll.sequences(model.answer_token_id)):
@@ -55,6 +53,27 @@ def test_rows_stopping_early_and_left_padding():
         torch.testing.assert_close(roll.user_states[row], full.float(), atol=1e-4, rtol=1e-4)
         assert len(roll.old_logprobs[row]) == len(roll.reasoning_ids[row])
     assert min(roll.lengths) < 8
+
+
+def _answer_likely(model):
+    with torch.no_grad():
+        model.lm.lm_head.weight[model.answer_token_id] *= 0
+        model.lm.lm_head.weight[model.answer_token_id] += model.lm.lm_head.weight.mean(0)
+
+
+def test_single_requests_stopping_early_or_at_the_cap():
+    # batches of one have no padding: the engine passes no attention mask, and its
+    # `<answer>` step feeds one token after an early stop and two after the cap
+    torch.manual_seed(3)
+    model = tiny_recmodel()
+    _answer_likely(model)
+    engine = HFEngine(temperature=3.0, top_k=0, max_new_tokens=6, batch_size=1)
+    roll = engine.generate(model, _prompts(model, 4), group_size=4)
+    for row, seq in enumerate(roll.sequences(model.answer_token_id)):
+        with torch.no_grad():
+            full = model.encode([seq])[0]
+        torch.testing.assert_close(roll.user_states[row], full.float(), atol=1e-4, rtol=1e-4)
+    assert 6 in roll.lengths and min(roll.lengths) < 5
 
 
 def test_greedy_is_deterministic_and_vllm_needs_extra():

@@ -133,16 +133,14 @@ class HFEngine:
         cache = DynamicCache()
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         positions = position_ids_from_mask(mask)
-        feed, attn = ids, mask
+        # generated columns are never padding: without left padding the fused causal
+        # attention applies at every step and no mask is built
+        attn = mask if not bool(mask.all()) else None
+        feed = ids
         tokens, logprobs = [], []
         for step in range(self.max_new_tokens):
             hidden = decoder(
-                input_ids=feed,
-                # without padding the fused causal attention applies
-                attention_mask=None if bool(attn.all()) else attn,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
+                input_ids=feed, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True
             ).last_hidden_state[:, -1]
             logits = head(hidden).float() / temperature
             token = logits.argmax(dim=-1) if greedy else self._sample(logits)
@@ -154,7 +152,8 @@ class HFEngine:
                 break
             feed = token.unsqueeze(1)
             positions = positions[:, -1:] + 1
-            attn = torch.cat([attn, torch.ones_like(feed)], dim=1)
+            if attn is not None:
+                attn = torch.cat([attn, torch.ones_like(feed)], dim=1)
         return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1), cache
 
     def _sample(self, scaled_logits: torch.Tensor) -> torch.Tensor:
@@ -195,7 +194,9 @@ class HFEngine:
 
         The cache holds every fed token: the prompt and all generated tokens but the
         last one. A row whose reasoning used all `steps` tokens still needs its last
-        token fed, so two tokens go in: [last generated token or pad, <answer>]."""
+        token fed, so then two tokens go in: [last generated token (or a masked pad for
+        rows that stopped earlier), <answer>]; when no row did, `<answer>` alone does.
+        Without any padding no mask is passed and the fused causal attention applies."""
         n, steps = generated.shape
         if steps == 0 or cache is None:
             raise RuntimeError("generation returned no steps or no KV cache; max_new_tokens must be >= 1")
@@ -204,15 +205,19 @@ class HFEngine:
         reason_mask = (cols < n_reason.unsqueeze(1)).long()
         full_row = n_reason == steps  # its last reasoning token is not in the cache yet
         cached_reason = reason_mask[:, : steps - 1]
-        last_tok = torch.where(full_row, generated[:, -1], torch.full_like(generated[:, -1], model.pad_token_id))
-        new_tokens = torch.stack([last_tok, torch.full_like(last_tok, model.answer_token_id)], dim=1)
-        new_mask = torch.stack([full_row.long(), torch.ones_like(last_tok)], dim=1)
+        answer = torch.full_like(generated[:, -1:], model.answer_token_id)
+        if bool(full_row.any()):
+            last_tok = torch.where(full_row, generated[:, -1], torch.full_like(generated[:, -1], model.pad_token_id))
+            new_tokens = torch.cat([last_tok.unsqueeze(1), answer], dim=1)
+            new_mask = torch.stack([full_row.long(), torch.ones_like(last_tok)], dim=1)
+        else:
+            new_tokens, new_mask = answer, torch.ones_like(answer)
         attn = torch.cat([mask, cached_reason, new_mask], dim=1)
-        positions = position_ids_from_mask(attn)[:, -2:]
+        positions = position_ids_from_mask(attn)[:, -new_tokens.shape[1] :]
         decoder = model.lm.get_decoder()
         hidden = decoder(
             input_ids=new_tokens,
-            attention_mask=attn,
+            attention_mask=None if bool(attn.all()) else attn,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
