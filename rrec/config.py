@@ -161,6 +161,9 @@ class ModelParams(_Strict):
     tau: float = Field(0.02, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_prompt_tokens: int = Field(1024, ge=16)
+    # torch.compile the decoder of trained policies loaded for evaluation and serving:
+    # about half the CPU time per decoding step, after a one-off compilation per process
+    compile: bool = False
 
 
 # -------------------------------------------------------------------------- items

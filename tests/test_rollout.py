@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rrec.train.rollout import HFEngine, make_engine
@@ -114,3 +115,26 @@ def test_greedy_decoding_equals_transformers_generate():
         if expected and expected[-1] in stop and expected[-1] != model.answer_token_id:
             expected.pop()  # a turn end is not part of the reasoning
         assert reasoning == expected
+
+
+def test_compiled_decoder_gives_the_eager_states_and_reasoning():
+    torch.manual_seed(0)
+    eager = tiny_recmodel()
+    compiled = tiny_recmodel()  # the same seed: the same weights
+    compiled.compile_decoder()
+    # batches of one, as served (padded batches compile more graphs: a minute on CPU)
+    prompts = eager.user_prompt_ids(conversations(2, seed=4))
+    engine = HFEngine(temperature=1.0, top_k=0, max_new_tokens=5, batch_size=1)
+    with torch.no_grad():
+        want, got = engine.generate(eager, prompts, greedy=True), engine.generate(compiled, prompts, greedy=True)
+        assert got.reasoning_ids == want.reasoning_ids
+        torch.testing.assert_close(got.user_states, want.user_states, atol=1e-4, rtol=1e-4)
+        for seq in want.sequences(eager.answer_token_id):
+            torch.testing.assert_close(compiled.encode([seq]), eager.encode([seq]), atol=1e-4, rtol=1e-4)
+    assert compiled.lm.get_decoder()._compiled_call_impl is not None
+
+
+def test_compiling_on_cpu_without_a_compiler_says_what_to_do(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        tiny_recmodel().compile_decoder()

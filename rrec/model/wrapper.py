@@ -18,6 +18,8 @@ rather than `.answer_states`, so DDP's forward hooks see the pass.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -146,6 +148,22 @@ class RecModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
+
+    def compile_decoder(self) -> None:
+        """`torch.compile` the decoder in place, with dynamic shapes, for inference.
+
+        Every later call of the decoder (prompt prefill, decoding steps, the `<answer>`
+        step, encoding) runs the compiled graphs; the first call of each kind of input
+        pays the compilation (seconds to a minute on CPU). On CPU, inductor compiles C++
+        and needs a compiler (`CXX`, `g++` or `clang++`)."""
+        if self.device.type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c
+        ):
+            raise RuntimeError(
+                "model.compile on CPU needs a C++ compiler (set CXX or install g++/clang++); "
+                "or set model.compile: false"
+            )
+        self.lm.get_decoder().compile(dynamic=True)
 
     @property
     def hidden_size(self) -> int:

@@ -42,13 +42,17 @@ def policy_from_adapter(
     params: Params, paths: Paths, adapter_dir: Path, device: torch.device | str | None = None
 ) -> RecModel:
     """A trained policy for inference: a LoRA adapter is merged into the weights, which
-    gives the same outputs without LoRA's extra matmuls at every linear layer."""
+    gives the same outputs without LoRA's extra matmuls at every linear layer; with
+    `model.compile` the decoder is compiled (`RecModel.compile_decoder`)."""
     lm, tok = load_model_and_tokenizer(params, paths, device=device)
     lm = load_adapter(lm, adapter_dir)
     if isinstance(lm, PeftModel):
         lm = lm.merge_and_unload()
     lm.eval()
-    return RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
+    rec = RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
+    if params.model.compile:
+        rec.compile_decoder()
+    return rec
 
 
 def load_trained_policy(
