@@ -132,6 +132,7 @@ def test_compiled_decoder_gives_the_eager_states_and_reasoning():
         for seq in want.sequences(eager.answer_token_id):
             torch.testing.assert_close(compiled.encode([seq]), eager.encode([seq]), atol=1e-4, rtol=1e-4)
     assert compiled.lm.get_decoder()._compiled_call_impl is not None
+    assert torch._dynamo.config.recompile_limit >= 64  # or the later kinds of call would run eagerly
 
 
 def test_compiling_on_cpu_without_a_compiler_says_what_to_do(monkeypatch):

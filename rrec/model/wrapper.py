@@ -98,6 +98,9 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
+_RECOMPILE_LIMIT = 64
+
+
 @dataclass(frozen=True)
 class SharedPrefix:
     """The decoder's KV cache of a token prefix that many sequences start with."""
@@ -163,6 +166,13 @@ class RecModel(nn.Module):
                 "model.compile on CPU needs a C++ compiler (set CXX or install g++/clang++); "
                 "or set model.compile: false"
             )
+        # Prefill, decoding steps, the `<answer>` step and encoding, with and without
+        # padding, each compile their own graph: more than dynamo's default limit of 8,
+        # past which it would silently run the rest eagerly.
+        import torch._dynamo
+
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
         self.lm.get_decoder().compile(dynamic=True)
 
     @property
