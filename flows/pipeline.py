@@ -30,8 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,7 +41,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.stage_server import stage_server
-from rrec.processes import free_port, stop_process
+from rrec.processes import free_port, stop_process, wait_until_answering
 
 log = logging.getLogger(__name__)
 
@@ -299,14 +297,6 @@ def _prefect_cli() -> list[str]:
     return [found] if found else [sys.executable, "-m", "prefect"]
 
 
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @contextlib.contextmanager
 def prefect_server(
     host: str = "127.0.0.1", port: int | None = None, startup_timeout_s: float = 90.0
@@ -334,21 +324,16 @@ def prefect_server(
     assert proc.stdout is not None
     drain = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
     drain.start()
+
+    def last_output() -> str:
+        if proc.poll() is not None:
+            drain.join(timeout=5)  # it exited: the rest of its output is on the way
+        return "".join(output)
+
     try:
-        deadline = time.monotonic() + startup_timeout_s
-        while not _healthy(api_url):
-            if proc.poll() is not None:
-                drain.join(timeout=5)
-                raise RuntimeError(
-                    f"`{' '.join(cmd)}` exited with status {proc.returncode} before answering "
-                    f"on {api_url}/health. Its last output:\n" + "".join(output)
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the Prefect server (pid {proc.pid}) did not answer on {api_url}/health "
-                    f"within {startup_timeout_s:g} s. Its last output:\n" + "".join(output)
-                )
-            time.sleep(0.25)
+        wait_until_answering(
+            proc, f"{api_url}/health", startup_timeout_s, name=f"`{' '.join(cmd)}`", output=last_output
+        )
         log.info("Prefect server pid %d answering at %s", proc.pid, api_url)
         yield api_url
     finally:

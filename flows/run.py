@@ -19,16 +19,13 @@ import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import typer  # noqa: E402
 
 from rrec.config import ConfigError  # noqa: E402
-from rrec.processes import free_port, stop_process  # noqa: E402
+from rrec.processes import free_port, stop_process, wait_until_answering  # noqa: E402
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -79,26 +76,10 @@ class TemporaryServer:
         atexit.register(self.stop)
 
     def wait(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"Prefect's temporary server exited with status {self.proc.returncode} "
-                    f"before answering on {self.api_url}/health"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"Prefect's temporary server (pid {self.proc.pid}) did not answer on "
-                    f"{self.api_url}/health within {timeout_s:g} s"
-                )
-            time.sleep(0.1)
+        assert self.proc is not None
+        wait_until_answering(
+            self.proc, f"{self.api_url}/health", timeout_s, name="Prefect's temporary server", interval_s=0.1
+        )
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

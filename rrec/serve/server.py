@@ -6,14 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
-
-from rrec.processes import free_port, stop_process
+from rrec.processes import free_port, stop_process, wait_until_answering
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -35,20 +32,10 @@ def model_server(
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + start_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"mlflow models serve exited ({proc.returncode}):\n{_tail(log_file)}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"mlflow models serve did not answer /ping in {start_timeout:.0f} s:\n{_tail(log_file)}"
-                    )
-                try:
-                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                time.sleep(0.5)
+            wait_until_answering(
+                proc, f"{url}/ping", start_timeout, name="mlflow models serve", output=lambda: _tail(log_file),
+                interval_s=0.5,
+            )
             yield url
         finally:
             stop_process(proc, grace_s=30, group=True)  # uvicorn's workers are its children
