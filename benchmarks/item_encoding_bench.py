@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--root", type=Path, default=Path("."))
     ap.add_argument("--n-items", type=int, default=1000)
-    ap.add_argument("--naive-items", type=int, default=100, help="items timed in the naive loop")
+    ap.add_argument("--naive-items", type=int, default=300, help="items timed in the naive loop")
     ap.add_argument("--batch-size", type=int, default=None, help="default: items.batch_size")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)

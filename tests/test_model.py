@@ -350,9 +350,46 @@ def test_answer_state_is_taken_at_the_last_answer_token(rec: RecModel) -> None:
     with torch.no_grad():
         hidden = rec(ids, mask, output="lm").hidden_states[-1][0]
         state = rec.answer_states(ids, mask)[0]
-    assert torch.equal(state, hidden[len(prompt) + 1 + len(words)])
+    last, first = len(prompt) + 1 + len(words), len(prompt)
+    # inference computes the last layer at the <answer> rows only: equal up to rounding
+    torch.testing.assert_close(state, hidden[last], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(state, hidden[first], atol=1e-3)
+    assert not torch.allclose(state, hidden[last - 1], atol=1e-3)
     with pytest.raises(ValueError, match="no <answer> token"):
         rec.answer_states(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
+
+
+def test_inference_runs_the_last_layer_only_at_the_answer_rows(
+    built: tuple[Params, Paths, dict[str, Any]],
+) -> None:
+    params, paths, _ = built
+    base, tok = load_model_and_tokenizer(params, paths)
+    lora = apply_lora(base, params.model.lora.model_copy(update={"target_modules": ["o_proj", "down_proj"]}))
+    with torch.no_grad():  # a non-zero adapter, so the LoRA path changes the states
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    rec = RecModel(lora, tok).eval()
+    last = rec.lm.get_decoder().layers[-1]
+    rows_seen: list[int] = []
+    last.mlp.down_proj.register_forward_hook(
+        lambda _m, args, _out: rows_seen.append(args[0].flatten(0, -2).shape[0])
+    )
+    seqs = rec.item_prompt_ids(item_conversations_from(rec))
+    for side in ("left", "right"):
+        ids, mask = rec.pad(seqs, padding_side=side)
+        rows_seen.clear()
+        full = rec.answer_states(ids, mask)  # autograd on: the whole last layer runs
+        assert rows_seen == [ids.numel()]
+        prefix = rec.shared_prefix(seqs[0][:3])
+        rows_seen.clear()
+        with torch.no_grad():
+            trimmed = rec.answer_states(ids, mask)
+            after_prefix = rec.encode_after_prefix(prefix, seqs)
+        assert rows_seen == [len(seqs), len(seqs)]  # one row per sequence, each pass
+        torch.testing.assert_close(trimmed, full.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(after_prefix, full.detach(), atol=1e-5, rtol=1e-5)
+    assert "forward" not in vars(last.mlp) and "forward" not in vars(last.self_attn.o_proj)
 
 
 def test_score_and_history_masking_known_answer(rec: RecModel) -> None:

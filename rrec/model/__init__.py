@@ -10,7 +10,7 @@ from rrec.model.backbone import (
 )
 from rrec.model.lora import apply_lora, load_adapter, save_adapter, trainable_parameters
 from rrec.model.tokenizer import ANSWER, CHAT_TEMPLATE, END_ANSWER, control_token_id
-from rrec.model.wrapper import RecModel, answer_positions, gather_answer_states, score
+from rrec.model.wrapper import RecModel, answer_positions, answer_rows, score
 
 __all__ = [
     "ANSWER",
@@ -20,10 +20,10 @@ __all__ = [
     "RecModel",
     "add_control_tokens",
     "answer_positions",
+    "answer_rows",
     "apply_lora",
     "build_backbone",
     "control_token_id",
-    "gather_answer_states",
     "load_adapter",
     "load_model_and_tokenizer",
     "resolve_dtype",

@@ -43,12 +43,12 @@ from transformers import (
 )
 
 from rrec.config import Params, TinyBackboneParams
+from rrec.model.chat import chat_ids
 from rrec.model.pretrain import pack, perplexity, pretrain
 from rrec.model.tokenizer import (
     ANSWER,
     CONTROL_TOKENS,
     IM_END,
-    chat_ids,
     control_token_id,
     train_tokenizer,
 )

@@ -115,28 +115,6 @@ def train_tokenizer(
     return tokenizer
 
 
-def chat_ids(
-    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Sequence[Message]]
-) -> list[list[int]]:
-    """Token ids of chat conversations with the generation prompt (assistant turn opened).
-
-    Control tokens written inside message text (an instruction that mentions
-    `<answer>`, a title that contains `<|im_end|>`) are encoded as ordinary text
-    (`sanitize_control_tokens`): only the template and the code that appends
-    `<answer>` can produce control-token ids.
-    """
-    if not conversations:
-        return []
-    ids = tokenizer.apply_chat_template(
-        [list(c) for c in conversations],
-        add_generation_prompt=True,
-        tokenize=True,
-        sanitize_control_tokens=True,
-        return_dict=False,
-    )
-    return [list(x) for x in ids]
-
-
 def control_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     """The single id of a control token, or a clear error if the tokenizer lacks it."""
     ids = tokenizer.encode(token, add_special_tokens=False)

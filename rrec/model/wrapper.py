@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +31,8 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrec.metrics import mask_history
-from rrec.model.tokenizer import ANSWER, END_ANSWER, chat_ids, control_token_id
+from rrec.model.chat import chat_ids
+from rrec.model.tokenizer import ANSWER, END_ANSWER, control_token_id
 
 Messages = Sequence[dict[str, str]]
 
@@ -60,12 +62,54 @@ def answer_positions(
     return torch.where(hits, index, -1).max(dim=1).values
 
 
-def gather_answer_states(
-    hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_id: int
+def answer_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_id: int
 ) -> torch.Tensor:
-    """hidden [B, T, d] -> [B, d] at each row's last `<answer>`."""
+    """Flat index (into [B*T]) of each row's last `<answer>`: `hidden.flatten(0, 1)[rows]`
+    is [B, d]."""
     pos = answer_positions(input_ids, attention_mask, answer_id)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
+    return torch.arange(input_ids.shape[0], device=pos.device) * input_ids.shape[1] + pos
+
+
+def _per_token_modules_of_last_layer(decoder: nn.Module) -> list[nn.Module]:
+    """The last decoder layer's attention output projection and MLP: both act on each
+    position alone, so rows nobody reads can be skipped. Empty if the decoder is not laid
+    out as `layers[-1].self_attn.o_proj` / `layers[-1].mlp` (Llama, Qwen, Mistral, Gemma)."""
+    layers = getattr(decoder, "layers", None)
+    if not layers:
+        return []
+    last = layers[-1]
+    found = [getattr(getattr(last, "self_attn", None), "o_proj", None), getattr(last, "mlp", None)]
+    return [m for m in found if isinstance(m, nn.Module)]
+
+
+@contextmanager
+def last_layer_only_at(decoder: nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Inside this context the decoder's last layer computes its per-token parts (the
+    attention output projection and the MLP) only at flat positions `rows` of the
+    [B*T] sequence and writes zeros elsewhere: exact at `rows`, garbage at positions
+    nobody may read. Reading only the `<answer>` states, that saves most of the last
+    layer's work. Inference only: a no-op under autograd (activation recomputation
+    would run the unpatched modules) or on a compiled decoder."""
+    modules = _per_token_modules_of_last_layer(decoder)
+    if torch.is_grad_enabled() or getattr(decoder, "_compiled_call_impl", None) is not None:
+        modules = []
+    for module in modules:
+        full = module.forward
+
+        def rows_only(x: torch.Tensor, *args: Any, _full: Any = full, **kwargs: Any) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            part = _full(flat[rows], *args, **kwargs)
+            out = part.new_zeros((flat.shape[0], part.shape[-1]))
+            out[rows] = part
+            return out.view(*x.shape[:-1], part.shape[-1])
+
+        module.forward = rows_only  # an instance attribute: state_dict and peft unaffected
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
 
 
 def template_tail_length(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -257,10 +301,12 @@ class RecModel(nn.Module):
             # attention kernel applies (about 10 % faster on CPU)
             decoder_mask = None
         decoder = self.lm.get_decoder()
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=decoder_mask, position_ids=position_ids, **kwargs
-        ).last_hidden_state
-        return gather_answer_states(hidden, input_ids, attention_mask, self.answer_token_id)
+        rows = answer_rows(input_ids, attention_mask, self.answer_token_id)
+        with last_layer_only_at(decoder, rows):
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=decoder_mask, position_ids=position_ids, **kwargs
+            ).last_hidden_state
+        return hidden.flatten(0, 1)[rows]
 
     def answer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final-layer hidden state at the last `<answer>` of each row: [B, d]."""
@@ -276,10 +322,13 @@ class RecModel(nn.Module):
         """Run `prefix` once through the decoder and keep its KV cache (inference only)."""
         ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
         cache = DynamicCache()
-        self.lm.get_decoder()(
-            input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device).unsqueeze(0),
-            past_key_values=cache, use_cache=True,
-        )
+        decoder = self.lm.get_decoder()
+        nothing_read = torch.zeros(0, dtype=torch.long, device=self.device)  # only the cache is
+        with last_layer_only_at(decoder, nothing_read):
+            decoder(
+                input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device).unsqueeze(0),
+                past_key_values=cache, use_cache=True,
+            )  # fmt: skip
         return SharedPrefix(tuple(prefix), cache)
 
     @torch.no_grad()
@@ -293,14 +342,17 @@ class RecModel(nn.Module):
         ids, mask = self.pad([s[n:] for s in sequences])
         cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(len(sequences))
-        hidden = self.lm.get_decoder()(
-            input_ids=ids,
-            attention_mask=torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1),
-            position_ids=n + position_ids_from_mask(mask),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
-        return gather_answer_states(hidden, ids, mask, self.answer_token_id)
+        decoder = self.lm.get_decoder()
+        rows = answer_rows(ids, mask, self.answer_token_id)
+        with last_layer_only_at(decoder, rows):
+            hidden = decoder(
+                input_ids=ids,
+                attention_mask=torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1),
+                position_ids=n + position_ids_from_mask(mask),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+        return hidden.flatten(0, 1)[rows]
 
     # ------------------------------------------------------------ ranking
 
