@@ -98,7 +98,12 @@ def test_greedy_decoding_equals_transformers_generate():
     # different lengths (reasoning compared up to each row's first stop token)
     model = tiny_recmodel(seed=3)
     prompts = [p[: 6 + 9 * i] for i, p in enumerate(_prompts(model, 3))]
+    rows_seen = []  # the last layer's MLP: one row per prompt in the prompt pass
+    model.lm.get_decoder().layers[-1].mlp.down_proj.register_forward_hook(
+        lambda _m, args, _out: rows_seen.append(args[0].flatten(0, -2).shape[0])
+    )
     roll = HFEngine(temperature=1.0, top_k=0, max_new_tokens=7).generate(model, prompts, greedy=True)
+    assert rows_seen[0] == len(prompts)
     ids, mask = model.pad(prompts, padding_side="left")
     stop = {model.answer_token_id, model.tokenizer.eos_token_id, *model.lm.generation_config.eos_token_id}
     with torch.no_grad():

@@ -23,13 +23,14 @@ recomputes, so the importance ratio starts at 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
 
-from rrec.model.wrapper import RecModel, position_ids_from_mask
+from rrec.model.wrapper import RecModel, last_layer_only_at, position_ids_from_mask
 
 
 @dataclass
@@ -138,10 +139,14 @@ class HFEngine:
         attn = mask if not bool(mask.all()) else None
         feed = ids
         tokens, logprobs = [], []
+        # the prompt pass reads the last position only: the last layer skips the others
+        width = ids.shape[1]
+        last_column = torch.arange(ids.shape[0], device=ids.device) * width + width - 1
         for step in range(self.max_new_tokens):
-            hidden = decoder(
-                input_ids=feed, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True
-            ).last_hidden_state[:, -1]
+            with last_layer_only_at(decoder, last_column) if step == 0 else nullcontext():
+                hidden = decoder(
+                    input_ids=feed, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True
+                ).last_hidden_state[:, -1]
             logits = head(hidden).float() / temperature
             token = logits.argmax(dim=-1) if greedy else self._sample(logits)
             logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1))
