@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -389,7 +390,43 @@ def test_inference_runs_the_last_layer_only_at_the_answer_rows(
         assert rows_seen == [len(seqs), len(seqs)]  # one row per sequence, each pass
         torch.testing.assert_close(trimmed, full.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(after_prefix, full.detach(), atol=1e-5, rtol=1e-5)
-    assert "forward" not in vars(last.mlp) and "forward" not in vars(last.self_attn.o_proj)
+    rows_seen.clear()
+    with torch.no_grad():  # outside the context the wrapped parts run every position
+        rec.lm.get_decoder()(input_ids=ids, attention_mask=mask)
+    assert rows_seen == [ids.numel()]
+
+
+def test_last_layer_trimming_leaves_other_threads_alone(rec: RecModel) -> None:
+    """A model server answers requests on several threads: one thread's trimmed pass must
+    not change another thread's full pass, nor the other way round."""
+    seqs = rec.item_prompt_ids(item_conversations_from(rec))
+    ids, mask = rec.pad(seqs)
+    decoder = rec.lm.get_decoder()
+    with torch.no_grad():
+        expected_states = rec.answer_states(ids, mask)
+        expected_hidden = decoder(input_ids=ids).last_hidden_state
+    errors: list[BaseException] = []
+
+    def repeat(fn) -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(40):
+                    fn()
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    def trimmed() -> None:
+        torch.testing.assert_close(rec.answer_states(ids, mask), expected_states)
+
+    def full() -> None:
+        torch.testing.assert_close(decoder(input_ids=ids).last_hidden_state, expected_hidden)
+
+    threads = [threading.Thread(target=repeat, args=(fn,)) for fn in (trimmed, full, trimmed, full)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
 
 
 def test_score_and_history_masking_known_answer(rec: RecModel) -> None:

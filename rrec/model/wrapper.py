@@ -20,8 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +31,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrec.metrics import mask_history
 from rrec.model.chat import chat_ids
+from rrec.model.last_layer import last_layer_only_at, unwrap
 from rrec.model.tokenizer import ANSWER, END_ANSWER, control_token_id
 
 Messages = Sequence[dict[str, str]]
@@ -69,47 +69,6 @@ def answer_rows(
     is [B, d]."""
     pos = answer_positions(input_ids, attention_mask, answer_id)
     return torch.arange(input_ids.shape[0], device=pos.device) * input_ids.shape[1] + pos
-
-
-def _per_token_modules_of_last_layer(decoder: nn.Module) -> list[nn.Module]:
-    """The last decoder layer's attention output projection and MLP: both act on each
-    position alone, so rows nobody reads can be skipped. Empty if the decoder is not laid
-    out as `layers[-1].self_attn.o_proj` / `layers[-1].mlp` (Llama, Qwen, Mistral, Gemma)."""
-    layers = getattr(decoder, "layers", None)
-    if not layers:
-        return []
-    last = layers[-1]
-    found = [getattr(getattr(last, "self_attn", None), "o_proj", None), getattr(last, "mlp", None)]
-    return [m for m in found if isinstance(m, nn.Module)]
-
-
-@contextmanager
-def last_layer_only_at(decoder: nn.Module, rows: torch.Tensor) -> Iterator[None]:
-    """Inside this context the decoder's last layer computes its per-token parts (the
-    attention output projection and the MLP) only at flat positions `rows` of the
-    [B*T] sequence and writes zeros elsewhere: exact at `rows`, garbage at positions
-    nobody may read. Reading only the `<answer>` states, that saves most of the last
-    layer's work. Inference only: a no-op under autograd (activation recomputation
-    would run the unpatched modules) or on a compiled decoder."""
-    modules = _per_token_modules_of_last_layer(decoder)
-    if torch.is_grad_enabled() or getattr(decoder, "_compiled_call_impl", None) is not None:
-        modules = []
-    for module in modules:
-        full = module.forward
-
-        def rows_only(x: torch.Tensor, *args: Any, _full: Any = full, **kwargs: Any) -> torch.Tensor:
-            flat = x.reshape(-1, x.shape[-1])
-            part = _full(flat[rows], *args, **kwargs)
-            out = part.new_zeros((flat.shape[0], part.shape[-1]))
-            out[rows] = part
-            return out.view(*x.shape[:-1], part.shape[-1])
-
-        module.forward = rows_only  # an instance attribute: state_dict and peft unaffected
-    try:
-        yield
-    finally:
-        for module in modules:
-            del module.forward
 
 
 def template_tail_length(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -217,7 +176,9 @@ class RecModel(nn.Module):
 
         dynamo_config = torch._dynamo.config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
-        self.lm.get_decoder().compile(dynamic=True)
+        decoder = self.lm.get_decoder()
+        unwrap(decoder)  # compiled, the decoder always runs its last layer in full
+        decoder.compile(dynamic=True)
 
     @property
     def hidden_size(self) -> int:

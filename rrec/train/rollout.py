@@ -30,7 +30,8 @@ from typing import Any, Protocol
 import torch
 from transformers import DynamicCache
 
-from rrec.model.wrapper import RecModel, last_layer_only_at, position_ids_from_mask
+from rrec.model.last_layer import last_layer_only_at
+from rrec.model.wrapper import RecModel, position_ids_from_mask
 
 
 @dataclass
