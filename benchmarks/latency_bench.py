@@ -15,11 +15,14 @@ same). Each batch is timed for both pipelines, alternating which goes first. The
 also checks that both pipelines wrote the same reasoning and read the same user state.
 
     python benchmarks/latency_bench.py [--root .] [--method recpo] [--queries 100] \
-        [--batch-sizes 1 4 8] [--max-new-tokens N] [--threads 1] [--compile]
+        [--batch-sizes 1 4 8] [--max-new-tokens N] [--threads 1] [--compile] [--aot]
 
 With `--compile` (or `model.compile: true`) the decoder is compiled with `torch.compile`
-for BOTH pipelines: their shared generation and the two-stage's second pass. The warm-up
-batches then also pay the compilation.
+for BOTH pipelines: their shared generation and the two-stage's second pass. With `--aot`
+(`model.aot_single_requests: true`) batches of one are decoded, in BOTH pipelines, on the
+decoder exported and compiled ahead of time by AOTInductor (`rrec.model.aot`); the
+second pass stays on the `torch.compile`d (with `--compile`) or eager decoder, its
+fastest form for one full pass. The warm-up batches also pay the compilations.
 
 Target: unified >= 1.25x faster at batch size 1 and never slower at 4 and 8.
 """
@@ -46,15 +49,6 @@ from rrec.train.rollout import HFEngine
 Batch = list[list[int]]
 
 
-class GenerateOnly(HFEngine):
-    """HFEngine's generation without its cached `<answer>` step (the two-stage pipeline's
-    first stage): identical decoding, no user state."""
-
-    @staticmethod
-    def _answer_step(model: RecModel, mask: Any, generated: Any, n_reason: Any, cache: Any) -> torch.Tensor:
-        return torch.empty(generated.shape[0], 0)
-
-
 def unified(model: RecModel, max_new_tokens: int) -> Callable[[Batch], tuple[torch.Tensor, Batch]]:
     engine = HFEngine(temperature=1.0, top_k=0, max_new_tokens=max_new_tokens)
 
@@ -69,7 +63,8 @@ def two_stage(
     model: RecModel, max_new_tokens: int, second_pass_s: list[float]
 ) -> Callable[[Batch], tuple[torch.Tensor, Batch]]:
     """Appends the wall time of each call's second pass to `second_pass_s`."""
-    engine = GenerateOnly(temperature=1.0, top_k=0, max_new_tokens=max_new_tokens)
+    # the same generation without its `<answer>` step (no user state)
+    engine = HFEngine(temperature=1.0, top_k=0, max_new_tokens=max_new_tokens, read_states=False)
 
     def run(batch: Batch) -> tuple[torch.Tensor, Batch]:
         roll = engine.generate(model, batch, greedy=True)
@@ -111,13 +106,19 @@ def main() -> None:
         "--compile", action=argparse.BooleanOptionalAction, default=None,
         help="model.compile: torch.compile the decoder, used by both pipelines (default: params.yaml's)",
     )
+    ap.add_argument(
+        "--aot", action=argparse.BooleanOptionalAction, default=None,
+        help="model.aot_single_requests: batches of one decode on the decoder compiled ahead of "
+        "time, in both pipelines (default: params.yaml's)",
+    )
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     params = load_params(args.root / args.params)
-    if args.compile is not None:
-        params = params.model_copy(update={"model": params.model.model_copy(update={"compile": args.compile})})
+    for flag, key in ((args.compile, "compile"), (args.aot, "aot_single_requests")):
+        if flag is not None:
+            params = params.model_copy(update={"model": params.model.model_copy(update={key: flag})})
     paths = Paths(args.root)
     rec = Recommender.from_dir(params, paths, args.method, device=args.device)
     if not rec.reasoning:
@@ -129,7 +130,8 @@ def main() -> None:
     pipelines = {"unified": unified(rec.model, max_new), "two-stage": two_stage(rec.model, max_new, second_pass_s)}
     print(
         f"{args.method} model, backbone {params.model.backbone!r}, device {args.device}, "
-        f"decoder {'compiled' if params.model.compile else 'eager'}, "
+        f"decoder {'compiled' if params.model.compile else 'eager'}"
+        f"{', batches of one on the AOT-compiled decoder' if params.model.aot_single_requests else ''}, "
         f"{torch.get_num_threads()} CPU threads; {len(prompts)} queries, prompt length "
         f"{statistics.mean(map(len, prompts)):.0f} tokens on average, max_new_tokens {max_new}, greedy"
     )

@@ -164,6 +164,10 @@ class ModelParams(_Strict):
     # torch.compile the decoder of trained policies loaded for evaluation and serving:
     # about half the CPU time per decoding step, after a one-off compilation per process
     compile: bool = False
+    # a greedy request on its own (serving) is decoded by the decoder exported with
+    # torch.export and compiled ahead of time by AOTInductor: no Python or guard checks
+    # per step; built on first use (~15 s on CPU, needs a C++ compiler)
+    aot_single_requests: bool = False
 
 
 # -------------------------------------------------------------------------- items

@@ -102,10 +102,10 @@ def test_recpo_step_cap(max_steps, recpo_cap, contrastive, recpo):
     assert train.steps_for("recpo") == recpo
 
 
-def test_training_reruns_when_any_model_setting_but_compile_changes():
+def test_training_reruns_when_any_model_setting_but_the_inference_ones_changes():
     from rrec.config import ModelParams
 
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]
     listed = {p.split(".", 1)[1] for p in stage["params"] if p.startswith("model.")}
     assert "model" not in stage["params"]
-    assert listed == set(ModelParams.model_fields) - {"compile"}
+    assert listed == set(ModelParams.model_fields) - {"compile", "aot_single_requests"}

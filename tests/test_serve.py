@@ -382,3 +382,24 @@ def test_served_model_answers_over_http(served: str, base: Recommender, historie
         assert message in r.json()["message"]
     r = requests.post(f"{served}/invocations", data="{not json", headers={"Content-Type": "application/json"}, timeout=60)
     assert 400 <= r.status_code < 500
+
+
+def test_single_requests_on_the_aot_decoder_answer_like_the_api(trained, base: Recommender, histories, tmp_path):
+    """`model.aot_single_requests`: the pyfunc model builds the ahead-of-time compiled
+    decoder when it loads, and a request on its own gets the same answer from it."""
+    from types import SimpleNamespace
+
+    from rrec.serve.pyfunc import RecommenderModel, _artifacts
+
+    params, paths = trained
+    aot_params = params.model_copy(update={"model": params.model.model_copy(update={"aot_single_requests": True})})
+    model = RecommenderModel()
+    model.load_context(SimpleNamespace(artifacts=_artifacts(aot_params, paths, "recpo", None, tmp_path)))
+    rec = model.recommender
+    assert rec.model.aot_single_requests and rec.model._aot is not None  # built at load
+    for history in histories[:2]:
+        (got,) = model.predict(None, [{"history": history, "k": 5, "now": NOW}])
+        (expected,) = base.recommend([history], k=5, now_ms=NOW)
+        assert [i["item_id"] for i in got["items"]] == _ids(expected)
+        assert got["reasoning"] == expected.reasoning
+        assert [i["score"] for i in got["items"]] == pytest.approx([i.score for i in expected.items], abs=1e-4)

@@ -18,8 +18,7 @@ rather than `.answer_states`, so DDP's forward hooks see the pass.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrec.metrics import mask_history
+from rrec.model.aot import AOTDecoder, require_cpp_compiler
 from rrec.model.chat import chat_ids
 from rrec.model.last_layer import last_layer_only_at, unwrap
 from rrec.model.tokenizer import ANSWER, END_ANSWER, control_token_id
@@ -102,6 +102,7 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
 
 
 _RECOMPILE_LIMIT = 64
+_AOT_BUILD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,9 @@ class RecModel(nn.Module):
                 "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
             )
         self.pad_token_id = int(pad)
+        # greedy requests on their own go through `aot_decoder` (model.aot_single_requests)
+        self.aot_single_requests = False
+        self._aot: AOTDecoder | None = None
         self.train(lm.training)  # start in the mode the LM is in (eval after loading)
 
     # ---------------------------------------------------------------- ids
@@ -162,13 +166,8 @@ class RecModel(nn.Module):
         step, encoding) runs the compiled graphs; the first call of each kind of input
         pays the compilation (seconds to a minute on CPU). On CPU, inductor compiles C++
         and needs a compiler (`CXX`, `g++` or `clang++`)."""
-        if self.device.type == "cpu" and not any(
-            shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c
-        ):
-            raise RuntimeError(
-                "model.compile on CPU needs a C++ compiler (set CXX or install g++/clang++); "
-                "or set model.compile: false"
-            )
+        if self.device.type == "cpu":
+            require_cpp_compiler("model.compile")
         # Prefill, decoding steps, the `<answer>` step and encoding, with and without
         # padding, each compile their own graph: more than dynamo's default limit of 8,
         # past which it would silently run the rest eagerly.
@@ -179,6 +178,18 @@ class RecModel(nn.Module):
         decoder = self.lm.get_decoder()
         unwrap(decoder)  # compiled, the decoder always runs its last layer in full
         decoder.compile(dynamic=True)
+
+    def aot_decoder(self, max_new_tokens: int) -> AOTDecoder:
+        """The decoder compiled ahead of time for single greedy requests (`rrec.model.aot`),
+        built on first use (seconds; a C++ compiler is needed) with room for the longest
+        prompt (`max_prompt_tokens`) and `max_new_tokens`. It holds the weights as they are
+        now: build it from a trained policy, not during training."""
+        limit = self.max_prompt_tokens or int(self.lm.config.max_position_embeddings)
+        needed = limit + max_new_tokens + 2
+        with _AOT_BUILD_LOCK:
+            if self._aot is None or self._aot.max_cache_len < needed:
+                self._aot = AOTDecoder(self.lm, needed)
+            return self._aot
 
     @property
     def hidden_size(self) -> int:

@@ -108,6 +108,9 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
             summary_file=Path(a["summary"]),
             tokenizer_dir=Path(a["tokenizer"]),
         )
+        if params.model.aot_single_requests and self.recommender.reasoning:
+            # build it now rather than on the first request (seconds on a CPU)
+            self.recommender.model.aot_decoder(params.evaluate.max_new_tokens)
 
     # The DataFrame hint is one MLflow does not turn into an enforced schema, so every body
     # format reaches `request_rows`, which validates it with messages about this model's fields.

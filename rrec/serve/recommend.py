@@ -140,7 +140,9 @@ def _with_tokenizer(model: RecModel, tokenizer_dir: Path) -> RecModel:
             f"from the backbone's ({len(model.tokenizer)} tokens, control ids "
             f"{[model.answer_token_id, model.end_answer_token_id]}); the model was trained on another backbone"
         )
-    return RecModel(model.lm, tokenizer, tau=model.tau, max_prompt_tokens=model.max_prompt_tokens)
+    out = RecModel(model.lm, tokenizer, tau=model.tau, max_prompt_tokens=model.max_prompt_tokens)
+    out.aot_single_requests = model.aot_single_requests
+    return out
 
 
 def _int(value: Any) -> int | None:

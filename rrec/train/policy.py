@@ -43,7 +43,8 @@ def policy_from_adapter(
 ) -> RecModel:
     """A trained policy for inference: a LoRA adapter is merged into the weights, which
     gives the same outputs without LoRA's extra matmuls at every linear layer; with
-    `model.compile` the decoder is compiled (`RecModel.compile_decoder`)."""
+    `model.compile` the decoder is compiled (`RecModel.compile_decoder`); with
+    `model.aot_single_requests` single greedy requests use `RecModel.aot_decoder`."""
     lm, tok = load_model_and_tokenizer(params, paths, device=device)
     lm = load_adapter(lm, adapter_dir)
     if isinstance(lm, PeftModel):
@@ -52,6 +53,7 @@ def policy_from_adapter(
     rec = RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
     if params.model.compile:
         rec.compile_decoder()
+    rec.aot_single_requests = params.model.aot_single_requests
     return rec
 
 

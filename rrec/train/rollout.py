@@ -5,7 +5,8 @@ One contract, two engines:
   (`HFEngine._decode`), then ONE extra cached decoder step that feeds `<answer>` on
   top of the decoding's KV cache. The user
   state `h_u` therefore comes out of the same pass that wrote the reasoning; the
-  sequence is never re-encoded.
+  sequence is never re-encoded. With `model.aot_single_requests`, a greedy request on
+  its own runs the same loop on the decoder compiled ahead of time (`rrec.model.aot`).
 - `vllm` (optional `gpu` extra): vLLM samples the tokens and their log-probabilities;
   vLLM exposes no hidden states, so `h_u` is read by one no-grad forward of the policy
   over the finished sequence. The policy's weights are pushed to vLLM after every
@@ -80,11 +81,16 @@ def _stop_ids(model: RecModel) -> list[int]:
 class HFEngine:
     """A cached decoding loop + one cached `<answer>` step."""
 
-    def __init__(self, temperature: float, top_k: int, max_new_tokens: int, batch_size: int = 64) -> None:
+    def __init__(
+        self, temperature: float, top_k: int, max_new_tokens: int, batch_size: int = 64, *, read_states: bool = True
+    ) -> None:
         self.temperature = temperature
         self.top_k = top_k
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        # False: generation only, no `<answer>` step, empty user states [n, 0] (the first
+        # stage of a two-stage pipeline, for comparisons)
+        self.read_states = read_states
 
     def sync_weights(self, model: RecModel) -> None:
         """The HF engine samples from the policy object itself: nothing to copy."""
@@ -107,6 +113,14 @@ class HFEngine:
         )
 
     def _generate_batch(self, model: RecModel, prompts: list[list[int]], greedy: bool) -> Rollout:
+        if greedy and len(prompts) == 1 and model.aot_single_requests:
+            aot = model.aot_decoder(self.max_new_tokens)
+            if aot.fits(len(prompts[0]), self.max_new_tokens):
+                r = aot.greedy(
+                    prompts[0], self.max_new_tokens, _stop_ids(model), model.answer_token_id,
+                    read_state=self.read_states,
+                )  # fmt: skip
+                return Rollout([], [r.reasoning_ids], [r.sampled_answer], [r.logprobs], r.user_state.unsqueeze(0))
         lm = model.lm
         was_training = lm.training
         lm.eval()
@@ -187,7 +201,10 @@ class HFEngine:
             sampled.append(bool(sampled_answer[row]))
             old_lp.append(token_lp[row, :keep].cpu())
 
-        states = self._answer_step(model, mask, generated, first_stop, cache)
+        if self.read_states:
+            states = self._answer_step(model, mask, generated, first_stop, cache)
+        else:
+            states = torch.empty(n, 0)
         return Rollout(
             prompt_ids=[], reasoning_ids=reasoning, sampled_answer=sampled, old_logprobs=old_lp, user_states=states
         )
