@@ -182,6 +182,12 @@ def main() -> None:
             f"| {second * 1000:>11.1f} | {mean_len:.1f}"
         )
     print()
+    for size, times, _, _ in rows:  # a single slow request shows here, not in the means
+        u, t2 = (sorted(t * 1000 for t in times[name]) for name in ("unified", "two-stage"))
+        print(
+            f"batch {size}: median {statistics.median(u):.1f} / {statistics.median(t2):.1f} ms, "
+            f"slowest {u[-1]:.1f} / {t2[-1]:.1f} ms (unified / two-stage)"
+        )
     print(f"same reasoning from both pipelines: {same_text}; largest 1 - cos(h_unified, h_two_stage): {worst_state:.2e}")
     print(f"target (>= 1.25x at batch 1, >= 1.0x at larger batches): {'met' if ok else 'NOT met'}")
 

@@ -102,6 +102,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     ap.add_argument("--start-timeout", type=float, default=180.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--aot", action=argparse.BooleanOptionalAction, default=None,
+        help="model.aot_single_requests for the saved model (default: params.yaml's)",
+    )
     args = ap.parse_args()
 
     paths = Paths(args.root)
@@ -116,6 +120,9 @@ def main() -> None:
             from rrec.serve.pyfunc import save_pyfunc
 
             params = load_params(args.root / args.params)
+            if args.aot is not None:
+                model = params.model.model_copy(update={"aot_single_requests": args.aot})
+                params = params.model_copy(update={"model": model})
             model_uri = str(save_pyfunc(params, paths, args.method, Path(tmp) / "model"))
         with model_server(model_uri, Path(tmp) / "server.log", workers=args.workers, start_timeout=args.start_timeout) as url:
             print(f"server answering at {url}", flush=True)
