@@ -30,6 +30,7 @@ Target: unified >= 1.25x faster at batch size 1 and never slower at 4 and 8.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -82,13 +83,19 @@ def batches(prompts: Sequence[list[int]], size: int) -> list[Batch]:
 
 
 def timed(fn: Callable[[Batch], tuple[torch.Tensor, Batch]], batch: Batch) -> tuple[float, torch.Tensor, Batch]:
+    """Wall time of one call, with Python's garbage collector paused as `timeit` does: after
+    the compilations a full collection can take ~0.5 s and land on either pipeline."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    states, reasoning = fn(batch)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, states, reasoning
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        states, reasoning = fn(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, states, reasoning
+    finally:
+        gc.enable()
 
 
 def main() -> None:
@@ -144,6 +151,7 @@ def main() -> None:
             for fn in pipelines.values():
                 for b in work[: args.warmup]:
                     fn(b)
+            gc.collect()
             times: dict[str, list[float]] = {name: [] for name in pipelines}
             second_pass_s.clear()
             lengths: list[int] = []
