@@ -35,7 +35,6 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -122,10 +121,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = load_params(args.root / args.params)
-    for flag, key in ((args.compile, "compile"), (args.aot, "aot_single_requests")):
-        if flag is not None:
-            params = params.model_copy(update={"model": params.model.model_copy(update={key: flag})})
+    overrides = {"model.compile": args.compile, "model.aot_single_requests": args.aot}
+    params = load_params(args.root / args.params, {k: v for k, v in overrides.items() if v is not None})
     paths = Paths(args.root)
     rec = Recommender.from_dir(params, paths, args.method, device=args.device)
     if not rec.reasoning:

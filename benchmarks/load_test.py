@@ -119,10 +119,8 @@ def main() -> None:
         if model_uri is None:
             from rrec.serve.pyfunc import save_pyfunc
 
-            params = load_params(args.root / args.params)
-            if args.aot is not None:
-                model = params.model.model_copy(update={"aot_single_requests": args.aot})
-                params = params.model_copy(update={"model": model})
+            overrides = {} if args.aot is None else {"model.aot_single_requests": args.aot}
+            params = load_params(args.root / args.params, overrides)
             model_uri = str(save_pyfunc(params, paths, args.method, Path(tmp) / "model"))
         with model_server(model_uri, Path(tmp) / "server.log", workers=args.workers, start_timeout=args.start_timeout) as url:
             print(f"server answering at {url}", flush=True)

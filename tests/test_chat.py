@@ -8,7 +8,9 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
+from rrec.items import read_item_prompts
 from rrec.model import chat as chat_module
+from rrec.model import load_model_and_tokenizer
 from rrec.model.chat import chat_ids, library_chat_ids
 from rrec.model.tokenizer import (
     ANSWER,
@@ -19,8 +21,6 @@ from rrec.model.tokenizer import (
     IM_START,
     train_tokenizer,
 )
-from rrec.items import read_item_prompts
-from rrec.model import load_model_and_tokenizer
 from tests.tiny import conversations
 
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"  # transformers' private markers

@@ -44,6 +44,12 @@ def require_cpp_compiler(setting: str) -> None:
         )
 
 
+def cache_positions(prompt_tokens: int, max_new_tokens: int) -> int:
+    """Cache positions a request needs: the prompt, the reasoning but its last token, and
+    the `<answer>` step (that last token and `<answer>`)."""
+    return prompt_tokens + max_new_tokens + 1
+
+
 @dataclass
 class GreedyResult:
     reasoning_ids: list[int]  # including a sampled final <answer>
@@ -106,7 +112,7 @@ class AOTDecoder:
 
     def fits(self, prompt_length: int, max_new_tokens: int) -> bool:
         """Prompt, reasoning and the `<answer>` step fit in the static cache."""
-        return prompt_length + max_new_tokens + 1 <= self.max_cache_len
+        return cache_positions(prompt_length, max_new_tokens) <= self.max_cache_len
 
     def _call(self, ids: Sequence[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self._device)

@@ -65,7 +65,7 @@ def _batched_chat_ids(
 
     # distinct pieces in order of first appearance (so errors come in the library's order)
     first = list(dict.fromkeys(pieces[0] for pieces in split))
-    middle_list = list(dict.fromkeys(p for pieces in split for p in pieces[2::2] if p))
+    middle = list(dict.fromkeys(p for pieces in split for p in pieces[2::2] if p))
     as_text = dict.fromkeys(p for pieces in split for p in pieces[1::2] if p)
 
     def encode_all(texts: list[str]) -> list[list[int]]:
@@ -76,7 +76,7 @@ def _batched_chat_ids(
     # SentencePiece's prefix space), or alone when the newline does not survive
     newline = tokenizer.encode("\n", add_special_tokens=False)
     middle_ids: dict[str, list[int]] = {}
-    for piece, ids in zip(middle_list, encode_all(["\n" + p for p in middle_list]), strict=True):
+    for piece, ids in zip(middle, encode_all(["\n" + p for p in middle]), strict=True):
         if ids[: len(newline)] == newline:
             middle_ids[piece] = ids[len(newline) :]
         else:

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrec.metrics import mask_history
-from rrec.model.aot import AOTDecoder, require_cpp_compiler
+from rrec.model.aot import AOTDecoder, cache_positions, require_cpp_compiler
 from rrec.model.chat import chat_ids
 from rrec.model.last_layer import last_layer_only_at, unwrap
 from rrec.model.tokenizer import ANSWER, END_ANSWER, control_token_id
@@ -131,6 +131,7 @@ class RecModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         tau: float = 0.02,
         max_prompt_tokens: int | None = None,
+        aot_single_requests: bool = False,
     ) -> None:
         super().__init__()
         self.lm = lm
@@ -149,7 +150,7 @@ class RecModel(nn.Module):
             )
         self.pad_token_id = int(pad)
         # greedy requests on their own go through `aot_decoder` (model.aot_single_requests)
-        self.aot_single_requests = False
+        self.aot_single_requests = aot_single_requests
         self._aot: AOTDecoder | None = None
         self.train(lm.training)  # start in the mode the LM is in (eval after loading)
 
@@ -185,7 +186,7 @@ class RecModel(nn.Module):
         prompt (`max_prompt_tokens`) and `max_new_tokens`. It holds the weights as they are
         now: build it from a trained policy, not during training."""
         limit = self.max_prompt_tokens or int(self.lm.config.max_position_embeddings)
-        needed = limit + max_new_tokens + 2
+        needed = cache_positions(limit, max_new_tokens)
         with _AOT_BUILD_LOCK:
             if self._aot is None or self._aot.max_cache_len < needed:
                 self._aot = AOTDecoder(self.lm, needed)
@@ -272,12 +273,17 @@ class RecModel(nn.Module):
             # padding mask changes nothing that is read; without it the fused causal
             # attention kernel applies (about 10 % faster on CPU)
             decoder_mask = None
-        decoder = self.lm.get_decoder()
         rows = answer_rows(input_ids, attention_mask, self.answer_token_id)
+        return self._decoder_states_at(
+            rows, input_ids=input_ids, attention_mask=decoder_mask, position_ids=position_ids, **kwargs
+        )
+
+    def _decoder_states_at(self, rows: torch.Tensor, **decoder_inputs: Any) -> torch.Tensor:
+        """One decoder pass whose last layer runs only at flat positions `rows` (of [B*T]);
+        the final hidden states there, [len(rows), d]."""
+        decoder = self.lm.get_decoder()
         with last_layer_only_at(decoder, rows):
-            hidden = decoder(
-                input_ids=input_ids, attention_mask=decoder_mask, position_ids=position_ids, **kwargs
-            ).last_hidden_state
+            hidden = decoder(**decoder_inputs).last_hidden_state
         return hidden.flatten(0, 1)[rows]
 
     def answer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -294,13 +300,11 @@ class RecModel(nn.Module):
         """Run `prefix` once through the decoder and keep its KV cache (inference only)."""
         ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
         cache = DynamicCache()
-        decoder = self.lm.get_decoder()
         nothing_read = torch.zeros(0, dtype=torch.long, device=self.device)  # only the cache is
-        with last_layer_only_at(decoder, nothing_read):
-            decoder(
-                input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device).unsqueeze(0),
-                past_key_values=cache, use_cache=True,
-            )  # fmt: skip
+        self._decoder_states_at(
+            nothing_read, input_ids=ids, past_key_values=cache, use_cache=True,
+            position_ids=torch.arange(ids.shape[1], device=self.device).unsqueeze(0),
+        )  # fmt: skip
         return SharedPrefix(tuple(prefix), cache)
 
     @torch.no_grad()
@@ -314,17 +318,14 @@ class RecModel(nn.Module):
         ids, mask = self.pad([s[n:] for s in sequences])
         cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(len(sequences))
-        decoder = self.lm.get_decoder()
-        rows = answer_rows(ids, mask, self.answer_token_id)
-        with last_layer_only_at(decoder, rows):
-            hidden = decoder(
-                input_ids=ids,
-                attention_mask=torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1),
-                position_ids=n + position_ids_from_mask(mask),
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
-        return hidden.flatten(0, 1)[rows]
+        return self._decoder_states_at(
+            answer_rows(ids, mask, self.answer_token_id),
+            input_ids=ids,
+            attention_mask=torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1),
+            position_ids=n + position_ids_from_mask(mask),
+            past_key_values=cache,
+            use_cache=True,
+        )
 
     # ------------------------------------------------------------ ranking
 

@@ -140,9 +140,10 @@ def _with_tokenizer(model: RecModel, tokenizer_dir: Path) -> RecModel:
             f"from the backbone's ({len(model.tokenizer)} tokens, control ids "
             f"{[model.answer_token_id, model.end_answer_token_id]}); the model was trained on another backbone"
         )
-    out = RecModel(model.lm, tokenizer, tau=model.tau, max_prompt_tokens=model.max_prompt_tokens)
-    out.aot_single_requests = model.aot_single_requests
-    return out
+    return RecModel(
+        model.lm, tokenizer, tau=model.tau, max_prompt_tokens=model.max_prompt_tokens,
+        aot_single_requests=model.aot_single_requests,
+    )  # fmt: skip
 
 
 def _int(value: Any) -> int | None:

@@ -50,10 +50,12 @@ def policy_from_adapter(
     if isinstance(lm, PeftModel):
         lm = lm.merge_and_unload()
     lm.eval()
-    rec = RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
+    rec = RecModel(
+        lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens,
+        aot_single_requests=params.model.aot_single_requests,
+    )  # fmt: skip
     if params.model.compile:
         rec.compile_decoder()
-    rec.aot_single_requests = params.model.aot_single_requests
     return rec
 
 
