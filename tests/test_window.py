@@ -17,6 +17,7 @@ from rrec.config import Params, parse_params
 from rrec.data import clean
 from rrec.data.schema import EXAMPLES, ITEMS
 from rrec.data.window import (
+    CSV_HEADER,
     DROP_REASONS,
     WindowError,
     months_before,
@@ -442,10 +443,24 @@ def test_timestamps_in_seconds_are_refused(tmp_path: Path) -> None:
         run_window(make_params(), paths)
 
 
-def test_damaged_gzip_names_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["meta", "interactions"])
+def test_an_empty_file_names_the_file(tmp_path: Path, which: str) -> None:
     paths = setup(tmp_path, [("u", "A1", 1.0, ms(2023, 1, 1)), ("u", "A2", 1.0, ms(2023, 1, 2))])
-    blob = paths.meta_file(CAT).read_bytes()
-    paths.meta_file(CAT).write_bytes(blob[: len(blob) // 2])  # truncated download
-    with pytest.raises(WindowError, match=rf"meta_{CAT}\.jsonl\.gz: could not be read"):
+    empty = paths.meta_file(CAT) if which == "meta" else paths.rating_only_file(CAT)
+    write_gz(empty, [] if which == "meta" else [CSV_HEADER])
+    with pytest.raises(WindowError, match=rf"{empty.name}: holds no lines"):
+        run_window(make_params(), paths)
+
+
+@pytest.mark.parametrize("which", ["meta", "interactions"])
+@pytest.mark.parametrize("lines", [2, 3000])
+def test_damaged_gzip_names_the_file(tmp_path: Path, which: str, lines: int) -> None:
+    rows = [(f"u{i % 50}", f"A{i % 2 + 1}", 1.0, ms(2023, 1, 1) + i) for i in range(lines)]
+    paths = setup(tmp_path, rows)
+    damaged = paths.meta_file(CAT) if which == "meta" else paths.rating_only_file(CAT)
+    blob = damaged.read_bytes()
+    damaged.write_bytes(blob[: len(blob) // 2])  # truncated download
+    with pytest.raises(WindowError, match=rf"{damaged.name}: could not be read as gzip .*again"):
         run_window(make_params(), paths)
     assert not paths.window_stats.exists()
+    assert not any(p.name.endswith(".pipe") for p in tmp_path.rglob("*"))
