@@ -460,7 +460,6 @@ def test_damaged_gzip_names_the_file(tmp_path: Path, which: str, lines: int) -> 
     damaged = paths.meta_file(CAT) if which == "meta" else paths.rating_only_file(CAT)
     blob = damaged.read_bytes()
     damaged.write_bytes(blob[: len(blob) // 2])  # truncated download
-    with pytest.raises(WindowError, match=rf"{damaged.name}: could not be read as gzip .*again"):
+    with pytest.raises(WindowError, match=rf"{damaged.name}: could not be read .*download it again"):
         run_window(make_params(), paths)
     assert not paths.window_stats.exists()
-    assert not any(p.name.endswith(".pipe") for p in tmp_path.rglob("*"))

@@ -64,7 +64,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,6 @@ import pyarrow.parquet as pq
 
 from rrec.config import Params, WindowParams
 from rrec.data import clean
-from rrec.data.gunzip import GzipStreamError, gunzipped
 from rrec.data.schema import EXAMPLES, ITEMS
 from rrec.paths import SPLITS, Paths
 
@@ -179,24 +178,29 @@ def _check_csv_header(path: Path) -> None:
         )
 
 
-def _plain(path: Path, workdir: Path | None) -> AbstractContextManager[Path]:
-    """`path` decompressed through a pipe (`rrec.data.gunzip`) when it is gzip and a
-    `workdir` for the pipe is given; else `path` itself, which DuckDB reads as it is."""
-    if workdir is not None and path.suffix == ".gz":
-        return gunzipped(path, workdir)
-    return nullcontext(path)
-
-
 def _read_interactions(
-    con: duckdb.DuckDBPyConnection, path: Path, fmt: str, end_excl: int, workdir: Path | None
+    con: duckdb.DuckDBPyConnection, path: Path, fmt: str, end_excl: int
 ) -> tuple[int, int]:
     """Create `inter_raw(user_id, parent_asin, rating, ts, ok)` and the per-item summary
     `item_span(parent_asin, n, first_ts, last_ts)` (last_ts: the latest before `end_excl`);
     return (lines, malformed)."""
     if fmt == "rating_only":
         _check_csv_header(path)
-    with _plain(path, workdir) as plain:
-        _create_inter_raw(con, plain, fmt)
+        source = (
+            f"read_csv({_q(path)}, header=true, auto_detect=false, delim=',', quote='\"', "
+            f"escape='\"', columns={_INTERACTION_COLUMNS}, ignore_errors=true, "
+            f"store_rejects=true, rejects_table='rrec_rejects', rejects_scan='rrec_rejects_scan')"
+        )
+    else:
+        source = (
+            f"read_json({_q(path)}, format='newline_delimited', ignore_errors=true, "
+            f"columns={_INTERACTION_COLUMNS})"
+        )
+    con.execute(
+        "CREATE OR REPLACE TABLE inter_raw AS SELECT *, "
+        f"{_INTERACTION_OK} AS ok FROM ("
+        f"SELECT user_id, parent_asin, rating, \"timestamp\" AS ts FROM {source})"
+    )
     rows, bad = con.execute(
         "SELECT count(*), coalesce(count_if(NOT ok), 0) FROM inter_raw"
     ).fetchall()[0]
@@ -213,40 +217,15 @@ def _read_interactions(
     return rows + rejected, bad + rejected
 
 
-def _create_inter_raw(con: duckdb.DuckDBPyConnection, path: Path, fmt: str) -> None:
-    if fmt == "rating_only":
-        source = (
-            f"read_csv({_q(path)}, header=true, auto_detect=false, delim=',', quote='\"', "
-            f"escape='\"', columns={_INTERACTION_COLUMNS}, ignore_errors=true, "
-            f"store_rejects=true, rejects_table='rrec_rejects', rejects_scan='rrec_rejects_scan')"
-        )
-    else:
-        source = (
-            f"read_json({_q(path)}, format='newline_delimited', ignore_errors=true, "
-            f"columns={_INTERACTION_COLUMNS})"
-        )
-    con.execute(
-        "CREATE OR REPLACE TABLE inter_raw AS SELECT *, "
-        f"{_INTERACTION_OK} AS ok FROM ("
-        f"SELECT user_id, parent_asin, rating, \"timestamp\" AS ts FROM {source})"
-    )
-
-
-def _read_meta(
-    con: duckdb.DuckDBPyConnection, path: Path, max_title_words: int, workdir: Path | None = None
-) -> tuple[int, int]:
+def _read_meta(con: duckdb.DuckDBPyConnection, path: Path, max_title_words: int) -> tuple[int, int]:
     """Create `meta_raw` in file order (rowid = line order), with the cleaned title, the
     price and the drop reason of every line (`rrec.data.clean`); return (lines, malformed)."""
     # Only this connection keeps the file order: it decides which duplicate comes first.
     con.execute("SET SESSION preserve_insertion_order = true")
 
     def create(max_object_size: int) -> None:
-        with _plain(path, workdir) as plain:
-            create_from(plain, max_object_size)
-
-    def create_from(plain: Path, max_object_size: int) -> None:
         source = (
-            f"read_json({_q(plain)}, format='newline_delimited', ignore_errors=true, "
+            f"read_json({_q(path)}, format='newline_delimited', ignore_errors=true, "
             f"maximum_object_size={max_object_size}, columns={_META_COLUMNS})"
         )
         # The title and price checks run in the reading pipeline, on the threads that parse.
@@ -289,12 +268,11 @@ def _read_both(
     meta_path: Path,
     end_excl: int,
     max_title_words: int,
-    workdir: Path,
 ) -> dict[Path, tuple[int, int]]:
-    """Both files at once, each decompressed by its own thread (`rrec.data.gunzip`)."""
+    """Both files at once: DuckDB decompresses one gzip stream per thread."""
     jobs: dict[Path, Callable[[duckdb.DuckDBPyConnection], tuple[int, int]]] = {
-        inter_path: lambda c: _read_interactions(c, inter_path, fmt, end_excl, workdir),
-        meta_path: lambda c: _read_meta(c, meta_path, max_title_words, workdir),
+        inter_path: lambda c: _read_interactions(c, inter_path, fmt, end_excl),
+        meta_path: lambda c: _read_meta(c, meta_path, max_title_words),
     }
     cursors = {p: con.cursor() for p in jobs}
     out: dict[Path, tuple[int, int]] = {}
@@ -304,10 +282,6 @@ def _read_both(
             for p, future in futures.items():
                 try:
                     out[p] = future.result()
-                except GzipStreamError as err:
-                    raise WindowError(
-                        f"{p}: could not be read as gzip ({err.__cause__}); download it again"
-                    ) from err
                 except duckdb.Error as err:
                     raise WindowError(
                         f"{p}: could not be read ({err}); if the file is damaged, download it again"
@@ -585,9 +559,7 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
         clean.register(con)
         end_excl = _ms(w.end + dt.timedelta(days=1))
         with phase("read interactions and metadata, check items"):
-            counts = _read_both(
-                con, inter_path, fmt, meta_path, end_excl, w.max_title_words, spill
-            )
+            counts = _read_both(con, inter_path, fmt, meta_path, end_excl, w.max_title_words)
         for p, (lines, malformed) in counts.items():
             _check_malformed(p, lines, malformed, w.max_malformed_share)
 
