@@ -20,6 +20,7 @@ from rrec.data.window import (
     CSV_HEADER,
     DROP_REASONS,
     WindowError,
+    _ReadProgress,
     months_before,
     run_window,
     split_sizes,
@@ -463,3 +464,42 @@ def test_damaged_gzip_names_the_file(tmp_path: Path, which: str, lines: int) -> 
     with pytest.raises(WindowError, match=rf"{damaged.name}: could not be read .*download it again"):
         run_window(make_params(), paths)
     assert not paths.window_stats.exists()
+
+
+def test_reading_shows_one_progress_bar_that_ends_at_100(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    paths = setup(tmp_path, [("u", "A1", 1.0, ms(2023, 1, 1)), ("u", "A2", 1.0, ms(2023, 1, 2))])
+    run_window(make_params(), paths)
+    err = capfd.readouterr().err
+    bar = f"[window] read {paths.rating_only_file(CAT).name} and {paths.meta_file(CAT).name}: 100%"
+    assert bar in err
+
+
+def test_read_progress_is_the_mean_of_the_files_and_never_goes_back() -> None:
+    class Cursor:
+        def __init__(self) -> None:
+            self.settings: list[str] = []
+
+        def execute(self, sql: str) -> None:
+            self.settings.append(sql)
+
+        def query_progress(self) -> float:
+            return -1.0  # between queries
+
+    a, b = Path("a.csv.gz"), Path("b.jsonl.gz")
+    cursors = {a: Cursor(), b: Cursor()}
+    with _ReadProgress(cursors, every=60) as progress:  # type: ignore[arg-type]
+        bar = progress._bar
+        progress.advance(a, 40.0)
+        assert bar.n == pytest.approx(20.0)
+        progress.advance(a, 10.0)  # a later query of the same cursor starts at 0
+        progress.advance(b, -1.0)
+        assert bar.n == pytest.approx(20.0)
+        progress.advance(b, 250.0)
+        assert bar.n == pytest.approx(70.0)
+        progress.advance(a, 100.0)
+        assert bar.n == pytest.approx(100.0)
+    for c in cursors.values():
+        assert "SET enable_progress_bar = true" in c.settings
+        assert "SET enable_progress_bar_print = false" in c.settings

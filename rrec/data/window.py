@@ -59,6 +59,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -71,6 +72,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from rrec.config import Params, WindowParams
 from rrec.data import clean
@@ -261,6 +263,50 @@ def _check_malformed(path: Path, lines: int, malformed: int, limit: float) -> No
         )
 
 
+class _ReadProgress:
+    """One progress bar for reading the input files, from DuckDB's own estimate for the
+    query each file's cursor runs (reading a real category takes minutes): the mean of
+    the files' percentages."""
+
+    _SETTINGS = ("enable_progress_bar = true", "enable_progress_bar_print = false",
+                 "progress_bar_time = 0")
+
+    def __init__(self, cursors: dict[Path, duckdb.DuckDBPyConnection], every: float = 0.5) -> None:
+        for c in cursors.values():
+            for setting in self._SETTINGS:
+                c.execute(f"SET {setting}")
+        self._cursors, self._every = cursors, every
+        self._percent = dict.fromkeys(cursors, 0.0)
+        names = " and ".join(p.name for p in cursors)
+        self._bar = tqdm(total=100, desc=f"[window] read {names}", mininterval=every,
+                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="window progress", daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._every):
+            for p, c in self._cursors.items():
+                self.advance(p, c.query_progress())  # -1 between queries: ignored
+
+    def advance(self, path: Path, percent: float) -> None:
+        """Move `path` up to `percent` (never back: a cursor runs several queries)."""
+        with self._lock:
+            self._percent[path] = max(self._percent[path], min(percent, 100.0))
+            mean = sum(self._percent.values()) / len(self._percent)
+            if mean > self._bar.n:
+                self._bar.update(mean - self._bar.n)
+
+    def __enter__(self) -> _ReadProgress:
+        self._poller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._poller.join()
+        self._bar.close()
+
+
 def _read_both(
     con: duckdb.DuckDBPyConnection,
     inter_path: Path,
@@ -277,7 +323,7 @@ def _read_both(
     cursors = {p: con.cursor() for p in jobs}
     out: dict[Path, tuple[int, int]] = {}
     try:
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool, _ReadProgress(cursors) as bars:
             futures = {p: pool.submit(job, cursors[p]) for p, job in jobs.items()}
             for p, future in futures.items():
                 try:
@@ -286,6 +332,7 @@ def _read_both(
                     raise WindowError(
                         f"{p}: could not be read ({err}); if the file is damaged, download it again"
                     ) from err
+                bars.advance(p, 100.0)
     finally:
         for c in cursors.values():
             c.close()
