@@ -287,7 +287,11 @@ class _ReadProgress:
     def _poll(self) -> None:
         while not self._stop.wait(self._every):
             for p, c in self._cursors.items():
-                self.advance(p, c.query_progress())  # -1 between queries: ignored
+                try:
+                    percent = c.query_progress()  # -1 between queries: ignored
+                except duckdb.Error:
+                    continue  # only the bar would suffer; the read itself reports its errors
+                self.advance(p, percent)
 
     def advance(self, path: Path, percent: float) -> None:
         """Move `path` up to `percent` (never back: a cursor runs several queries)."""
