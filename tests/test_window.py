@@ -203,6 +203,25 @@ def test_item_cleaning_rules_and_counts(tmp_path: Path) -> None:
     assert items["A01"]["n_interactions"] == len(asins)
 
 
+def test_title_words_are_counted_before_non_ascii_becomes_spaces(tmp_path: Path) -> None:
+    # SPEC order: unescape, strip quotes, count words; non-ASCII to spaces is prompt text
+    # cleaning. 20 words as written, 21 once "b\u00f4ru" is squashed to "b ru".
+    title20 = ("Dragon Ball GT: Final Bout (Doragon b\u00f4ru GT: Fainaru Bauto) for "
+               "PlayStation One Game Disc Import Version Complete Box Set")
+    assert len(title20.split()) == 20
+    dash21 = " ".join(f"w{i}" for i in range(10)) + " \u2014 " + " ".join(f"v{i}" for i in range(10))
+    nbsp20 = "&quot;" + "&nbsp;".join(f"n{i}" for i in range(20)) + "&quot;"
+    meta_lines = [meta("G1", title20), meta("G2", dash21), meta("G3", nbsp20)]
+    rows = [("u1", "G1", 4.0, ms(2023, 1, 1)), ("u1", "G2", 4.0, ms(2023, 1, 2)),
+            ("u1", "G3", 4.0, ms(2023, 1, 3))]
+    stats = run_window(make_params(), setup(tmp_path, rows, meta_lines))
+    assert stats["drops"]["long_title"] == 1  # G2: the dash is a word as written
+    items = items_by_asin(Paths(tmp_path))
+    assert set(items) == {"G1", "G3"}
+    assert items["G1"]["title"] == title20.replace("\u00f4", " ")  # the prompt text is ASCII
+    assert items["G3"]["title"] == " ".join(f"n{i}" for i in range(20))
+
+
 def test_text_cleaning_spaces_every_control_and_non_ascii_character() -> None:
     con = duckdb.connect()
     clean.register(con)

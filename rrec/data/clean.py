@@ -10,7 +10,11 @@ The rules, in the order they are applied to one metadata line:
    characters (newlines, tabs, ...) and non-ASCII characters to spaces, collapse runs of
    spaces, strip.
 5. `short_title`: the cleaned title has at most one character.
-6. `long_title`: the cleaned title has more than `max_title_words` words.
+6. `long_title`: the title has more than `max_title_words` words, counted in the SPEC's
+   order: on the unescaped title without tags and quotes, *before* non-ASCII characters
+   become spaces (that is text cleaning, for the prompt). A word is a run of characters
+   that are neither Unicode separators (spaces, no-break spaces, ...) nor control
+   characters, so "Doragon b\u00f4ru GT" is three words, as a reader counts them.
 7. `bad_price`: `price` is neither a JSON number nor a string that parses as a number
    (surrounding whitespace allowed); NaN, infinities and negative prices are bad too.
    Junk such as "None", "from $12.99", "—" or null is bad.
@@ -49,6 +53,7 @@ ITEM_REASONS: tuple[str, ...] = (
 
 _TAG = r"</?[A-Za-z!][^<>]*>"
 _NOT_PRINTABLE_ASCII = r"[^\x20-\x7E]"
+_WORD = r"[^\pZ\p{Cc}]+"
 
 
 def register(con: duckdb.DuckDBPyConnection) -> None:
@@ -77,9 +82,8 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
         ),
         "rrec_clean_text(s)": "coalesce(rrec_squash(rrec_drop_tags(rrec_unescape_if(s))), '')",
         # Takes the already unescaped title (the span check needs that one too).
-        "rrec_clean_unescaped_title(s)": (
-            "rrec_squash(replace(replace(rrec_drop_tags(s), '\"', ''), '''', ''))"
-        ),
+        "rrec_strip_title(s)": "replace(replace(rrec_drop_tags(s), '\"', ''), '''', '')",
+        "rrec_clean_unescaped_title(s)": "rrec_squash(rrec_strip_title(s))",
         "rrec_clean_title(s)": "rrec_clean_unescaped_title(rrec_unescape_if(s))",
         # Joined with spaces, empty elements vanish when the spaces collapse; with another
         # separator they are dropped one by one. There, rrec_clean_text runs one step per
@@ -91,8 +95,15 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
             "xs, lambda x: rrec_unescape_if(x)), lambda x: rrec_drop_tags(x)), "
             "lambda x: coalesce(rrec_squash(x), '')), lambda x: x <> ''), sep) END, '')"
         ),
+        # Of a squashed string (single spaces, no control or non-ASCII characters).
         "rrec_word_count(s)": (
             "CASE WHEN s = '' THEN 0 ELSE length(s) - length(replace(s, ' ', '')) + 1 END"
+        ),
+        # Of any string: runs of characters that are neither separators nor controls. The
+        # cheap count of the squashed form is the same whenever `s` is pure ASCII.
+        "rrec_title_words(s, squashed)": (
+            "CASE WHEN strlen(s) = length(s) THEN rrec_word_count(squashed) "
+            f"ELSE len(regexp_extract_all(s, '{_WORD}')) END"
         ),
     }
     for head, body in macros.items():
@@ -117,16 +128,19 @@ def item_validity_sql(source: str, max_title_words: int) -> str:
                         THEN TRY_CAST(price AS DOUBLE)
                 END AS price_value
             FROM {source}
+        ), stripped AS (
+            SELECT *, rrec_strip_title(title_unescaped) AS title_stripped FROM typed
         ), cleaned AS (
-            SELECT *, rrec_clean_unescaped_title(title_unescaped) AS title_clean FROM typed
+            SELECT *, rrec_squash(title_stripped) AS title_clean FROM stripped
         )
-        SELECT * EXCLUDE (title_unescaped, title_clean, price_value)
+        SELECT * EXCLUDE (title_unescaped, title_stripped, title_clean, price_value)
                 REPLACE (title_clean AS title, price_value AS price),
             CASE
                 WHEN title_unescaped IS NULL THEN 'missing_title'
                 WHEN contains(title_unescaped, '<span id') THEN 'span_title'
                 WHEN length(title_clean) <= 1 THEN 'short_title'
-                WHEN rrec_word_count(title_clean) > {int(max_title_words)} THEN 'long_title'
+                WHEN rrec_title_words(title_stripped, title_clean) > {int(max_title_words)}
+                    THEN 'long_title'
                 WHEN price_value IS NULL OR NOT isfinite(price_value) OR price_value < 0
                     THEN 'bad_price'
             END AS reason
