@@ -126,6 +126,18 @@ def test_split_sizes_reproduce_table3() -> None:
     assert sum(split_sizes(7, (0.5, 0.3, 0.2))) == 7
 
 
+@pytest.mark.parametrize(("n", "expected"), [
+    # train = floor(0.8 n), valid = floor(0.9 n) - floor(0.8 n), test = the rest
+    (19, (15, 2, 2)),  # 15.2 -> 15, 17.1 -> 17
+    (9, (7, 1, 1)),  # 7.2 -> 7, 8.1 -> 8
+    (4, (3, 0, 1)),  # 3.2 -> 3, 3.6 -> 3
+    (29, (23, 3, 3)),  # 23.2 -> 23, 26.1 -> 26
+    (8792, (7033, 879, 880)),  # the embedded default
+])
+def test_split_sizes_use_the_authors_cut_points(n: int, expected: tuple[int, int, int]) -> None:
+    assert split_sizes(n, (0.8, 0.1, 0.1)) == expected
+
+
 # ---------------------------------------------------------------------- cleaning
 
 

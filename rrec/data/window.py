@@ -35,8 +35,9 @@ their way into Parquet. The steps, in order, with the counter each one feeds:
    t >= 1 is one example whose history is the previous up to `max_history` items (oldest
    first) with their ratings and timestamps. All examples are ordered by (target
    timestamp, user_id, target item_id); `example_id` is the position in that order.
-   With N examples, train = floor(N * split[0]), valid = floor(N * split[1]),
-   test = the rest (this reproduces the split sizes of the paper's Table 3).
+   With N examples, train = floor(N * split[0]), valid = floor(N * (split[0] +
+   split[1])) - train, test = the rest: the authors' cut points (this reproduces the
+   split sizes of the paper's Table 3).
 
 Stats: Table 3's columns (`users`, `items`, `interactions` = interactions in the final
 window, `train`, `valid`, `test`), `examples` (= train + valid + test = interactions -
@@ -137,10 +138,11 @@ def _utc_date(ms: int) -> str:
 
 
 def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
-    """(train, valid, test) sizes: floor for the first two, the rest to test."""
-    n_train = math.floor(n * fractions[0] + 1e-9)
-    n_valid = math.floor(n * fractions[1] + 1e-9)
-    return n_train, n_valid, n - n_train - n_valid
+    """(train, valid, test) sizes at the authors' cut points: train ends at
+    floor(n * f0), valid at floor(n * (f0 + f1)), test gets the rest."""
+    cut_train = math.floor(n * fractions[0] + 1e-9)
+    cut_valid = max(math.floor(n * (fractions[0] + fractions[1]) + 1e-9), cut_train)
+    return cut_train, cut_valid - cut_train, n - cut_valid
 
 
 class _Phases:
