@@ -56,12 +56,15 @@ Category words (``category_words``): Video_Games, CDs_and_Vinyl and
 Musical_Instruments use the SPEC's words. Any other name is split on ``_``, ``-`` and
 spaces; a word with two or more capitals (``CDs``, ``TV``) keeps its case, others are
 lower-cased; the joined words are the plural form. The singular form singularises
-the last word when the name has no ``and`` and that word looks like a regular plural
-(``-ies`` -> ``-y``; ``-sses``/``-ches``/``-shes``/``-xes``/``-zes`` drop ``es``;
-other ``-s`` drop ``s``, except ``-ss``, ``-us``, ``-is``, ``-ics``); otherwise it is
-the plural form followed by ``item``. Gift_Cards -> ("gift cards", "gift card");
-Toys_and_Games -> ("toys and games", "toys and games item"); Software ->
-("software", "software item").
+the last word when the name has no ``and`` and that word is a plural whose singular is
+known to be a word: first a list of plurals the regular rules get wrong (``movies`` ->
+``movie``, not ``movy``; ``knives`` -> ``knife``; ``lenses`` -> ``lens``; ``caches`` ->
+``cache``; ``tomatoes`` -> ``tomato``; ...), else the regular rules (``-ies`` -> ``-y``;
+``-sses``/``-ches``/``-shes``/``-xes``/``-zzes`` drop ``es``; other ``-s`` drop ``s``,
+except ``-ss``, ``-us``, ``-is``, ``-ics``). Otherwise (no ``s`` plural, or an ``and``)
+it falls back to the plural form followed by ``item``. Gift_Cards -> ("gift cards",
+"gift card"); Movies -> ("movies", "movie"); Toys_and_Games -> ("toys and games",
+"toys and games item"); Software -> ("software", "software item").
 """
 
 from __future__ import annotations
@@ -150,12 +153,50 @@ def _number(value: Any, fmt: str) -> str:
 # ---------------------------------------------------------------- category
 
 
+# Plurals whose singular the regular rules below get wrong: -ie nouns (the -ies rule
+# would make "movies" "movy"), f/fe -> ves, -o -> oes, -us/-as/-is/-ns -> es, -che -> ches,
+# -z -> zzes and a few irregular ones.
+_IRREGULAR_PLURALS: dict[str, str] = {
+    **{w + "s": w for w in (
+        "movie", "cookie", "hoodie", "zombie", "beanie", "brownie", "smoothie", "selfie",
+        "onesie", "veggie", "goodie", "bootie", "rookie", "calorie", "tie", "pie", "die",
+        "lie", "genie", "pixie", "freebie", "sweetie", "newbie", "birdie", "collie",
+        "auntie", "nightie", "walkie-talkie", "headache", "cache", "niche", "avalanche",
+        "quiche", "cliche", "moustache", "mustache", "psyche", "pastiche",
+    )},
+    **{w + "es": w for w in (
+        "tomato", "potato", "hero", "echo", "mango", "volcano", "domino", "torpedo",
+        "tornado", "mosquito", "veto", "cargo", "buffalo", "lens", "bus", "gas", "bonus",
+        "virus", "canvas", "atlas", "alias", "bias", "campus", "circus", "chorus", "cactus",
+        "octopus", "status", "census", "genius", "walrus", "iris",
+    )},
+    "knives": "knife", "wives": "wife", "lives": "life", "shelves": "shelf",
+    "leaves": "leaf", "halves": "half", "scarves": "scarf", "wolves": "wolf",
+    "loaves": "loaf", "calves": "calf", "thieves": "thief", "quizzes": "quiz",
+    "analyses": "analysis", "crises": "crisis", "theses": "thesis", "diagnoses": "diagnosis",
+    "men": "man", "women": "woman", "children": "child", "feet": "foot", "teeth": "tooth",
+    "mice": "mouse", "geese": "goose", "people": "person", "dice": "die",
+}
+
+
+def _with_case_of(word: str, singular: str) -> str:
+    """`singular` in the letter case of `word` (lower, Title or UPPER)."""
+    if word.isupper() and len(word) > 1:
+        return singular.upper()
+    if word[:1].isupper():
+        return singular[:1].upper() + singular[1:]
+    return singular
+
+
 def _singular_word(word: str) -> str | None:
-    """The singular of a regular English plural, or None if `word` does not look like one."""
+    """The singular of an English plural, or None if `word` does not look like one."""
     lower = word.lower()
+    known = _IRREGULAR_PLURALS.get(lower)
+    if known is not None:
+        return _with_case_of(word, known)
     if len(word) > 3 and lower.endswith("ies"):
         return word[:-3] + ("Y" if word[-3:].isupper() else "y")
-    if lower.endswith(("sses", "ches", "shes", "xes", "zes")):
+    if lower.endswith(("sses", "ches", "shes", "xes", "zzes")):
         return word[:-2]
     if lower.endswith("s") and not lower.endswith(("ss", "us", "is", "ics")) and len(word) > 1:
         return word[:-1]

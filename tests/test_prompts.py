@@ -273,6 +273,53 @@ def test_category_words(category: str, expected: tuple[str, str]) -> None:
     assert category_words(category) == expected
 
 
+@pytest.mark.parametrize(
+    ("category", "singular"),
+    [
+        ("Movies", "movie"),  # was "movy"
+        ("Horror_Movies", "horror movie"),
+        ("Cookies", "cookie"),
+        ("Kitchen_Knives", "kitchen knife"),
+        ("Camera_Lenses", "camera lens"),
+        ("Potatoes", "potato"),
+        ("Sizes", "size"),  # was "siz"
+        ("Quizzes", "quiz"),
+        ("Headaches", "headache"),
+        ("Batteries", "battery"),
+        ("Shoes", "shoe"),
+        ("Watches", "watch"),
+        ("Dice", "die"),
+    ],
+)
+def test_category_singulars_are_words(category: str, singular: str) -> None:
+    assert category_words(category)[1] == singular
+
+
+@pytest.mark.parametrize(
+    ("category", "expected"),
+    [  # every category of Amazon Reviews 2023, as a reader would write it
+        ("All_Beauty", ("all beauty", "all beauty item")),
+        ("Amazon_Fashion", ("amazon fashion", "amazon fashion item")),
+        ("Appliances", ("appliances", "appliance")),
+        ("Arts_Crafts_and_Sewing", ("arts crafts and sewing", "arts crafts and sewing item")),
+        ("Automotive", ("automotive", "automotive item")),
+        ("Baby_Products", ("baby products", "baby product")),
+        ("Books", ("books", "book")),
+        ("Cell_Phones_and_Accessories",
+         ("cell phones and accessories", "cell phones and accessories item")),
+        ("Digital_Music", ("digital music", "digital music item")),
+        ("Handmade_Products", ("handmade products", "handmade product")),
+        ("Kindle_Store", ("kindle store", "kindle store item")),
+        ("Magazine_Subscriptions", ("magazine subscriptions", "magazine subscription")),
+        ("Office_Products", ("office products", "office product")),
+        ("Patio_Lawn_and_Garden", ("patio lawn and garden", "patio lawn and garden item")),
+        ("Unknown", ("unknown", "unknown item")),
+    ],
+)
+def test_category_words_of_amazon_2023(category: str, expected: tuple[str, str]) -> None:
+    assert category_words(category) == expected
+
+
 def test_category_words_rejects_empty() -> None:
     with pytest.raises(ValueError, match="data.category"):
         category_words("__")
