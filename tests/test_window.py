@@ -272,6 +272,29 @@ def test_malformed_lines_are_counted(tmp_path: Path) -> None:
     assert len(read(paths.items_file)) == 11
 
 
+@pytest.mark.parametrize("fmt", ["rating_only", "reviews"])
+def test_ratings_outside_1_to_5_are_counted_and_dropped(tmp_path: Path, fmt: str) -> None:
+    t = ms(2023, 1, 1)
+    good = [("u1", "R1", 1.0, t), ("u1", "R2", 5.0, t + DAY), ("u2", "R1", 3.5, t + DAY),
+            ("u2", "R3", 4.0, t + 2 * DAY)]
+    bad = [("u1", "R3", 0.0, t + 2 * DAY), ("u2", "R2", 6.0, t + 3 * DAY),
+           ("u1", "R4", -1.0, t + 3 * DAY), ("u2", "R4", 5.5, t + 4 * DAY)]
+    rows = good + bad
+    paths = Paths(tmp_path)
+    write_gz(paths.meta_file(CAT), [meta(a) for a in ("R1", "R2", "R3", "R4")])
+    if fmt == "rating_only":
+        write_gz(paths.rating_only_file(CAT), csv_lines(rows))
+    else:
+        write_gz(paths.reviews_file(CAT), review_lines(rows))
+    stats = run_window(make_params(fmt), paths)
+    assert stats["drops"]["bad_rating"] == 4
+    assert sum(stats["malformed"].values()) == 0
+    assert stats["interactions"] == 4 and stats["items"] == 3  # R4 only had bad ratings
+    ex = all_examples(paths)
+    ratings = [r for e in ex for r in [*e["history_ratings"], e["target_rating"]]]
+    assert ratings and all(1.0 <= r <= 5.0 for r in ratings)
+
+
 def test_malformed_share_over_threshold_fails_and_leaves_no_outputs(tmp_path: Path) -> None:
     paths = _dirty_inputs(tmp_path, n_bad_meta=1)
     run_window(make_params(max_malformed_share=0.1), paths)  # 1/12 meta, 5/65 csv: fine

@@ -8,7 +8,8 @@ their way into Parquet. The steps, in order, with the counter each one feeds:
    Interactions: the rating-only CSV (header `user_id,parent_asin,rating,timestamp`,
    timestamps in ms) or the reviews JSONL, by `data.interactions`. A line is
    `malformed` when it cannot be read as a record or lacks a non-empty user_id or
-   parent_asin, a finite rating or an integer timestamp. Metadata JSONL: `malformed`
+   parent_asin, a finite rating or an integer timestamp. A well-formed line whose
+   rating is outside 1..5 is dropped (`bad_rating`). Metadata JSONL: `malformed`
    when the line is not a JSON object with a non-empty parent_asin. Blank lines are
    neither counted nor malformed. A file whose malformed share exceeds
    `max_malformed_share` stops the stage with an error naming the file. `lines` counts
@@ -82,6 +83,7 @@ from rrec.paths import SPLITS, Paths
 
 CSV_HEADER = "user_id,parent_asin,rating,timestamp"
 INTERACTION_REASONS: tuple[str, ...] = (
+    "bad_rating",
     "no_metadata",
     "outside_window",
     "duplicate_interactions",
@@ -98,10 +100,12 @@ _META_COLUMNS = (
     "'features': 'VARCHAR[]', 'store': 'VARCHAR', 'categories': 'VARCHAR[]', "
     "'main_category': 'VARCHAR', 'average_rating': 'DOUBLE', 'rating_number': 'BIGINT'}"
 )
-_INTERACTION_OK = (
+_INTERACTION_WELL_FORMED = (
     "(user_id IS NOT NULL AND user_id <> '' AND parent_asin IS NOT NULL AND parent_asin <> '' "
     "AND rating IS NOT NULL AND isfinite(rating) AND ts IS NOT NULL)"
 )
+# Amazon ratings are 1 to 5 stars; a well-formed line with any other rating is dropped.
+_RATING_IN_RANGE = "(rating >= 1 AND rating <= 5)"
 
 
 # Every Amazon review is later than this many milliseconds (1973-03-03); a file whose
@@ -184,10 +188,10 @@ def _check_csv_header(path: Path) -> None:
 
 def _read_interactions(
     con: duckdb.DuckDBPyConnection, path: Path, fmt: str, end_excl: int
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Create `inter_raw(user_id, parent_asin, rating, ts, ok)` and the per-item summary
     `item_span(parent_asin, n, first_ts, last_ts)` (last_ts: the latest before `end_excl`);
-    return (lines, malformed)."""
+    return (lines, malformed, well-formed lines with a rating outside 1..5)."""
     if fmt == "rating_only":
         _check_csv_header(path)
         source = (
@@ -201,12 +205,14 @@ def _read_interactions(
             f"columns={_INTERACTION_COLUMNS})"
         )
     con.execute(
-        "CREATE OR REPLACE TABLE inter_raw AS SELECT *, "
-        f"{_INTERACTION_OK} AS ok FROM ("
-        f"SELECT user_id, parent_asin, rating, \"timestamp\" AS ts FROM {source})"
+        "CREATE OR REPLACE TABLE inter_raw AS SELECT * EXCLUDE (well_formed), "
+        f"well_formed AND {_RATING_IN_RANGE} AS ok, well_formed AND NOT {_RATING_IN_RANGE} "
+        f"AS bad_rating FROM (SELECT *, {_INTERACTION_WELL_FORMED} AS well_formed FROM ("
+        f"SELECT user_id, parent_asin, rating, \"timestamp\" AS ts FROM {source}))"
     )
-    rows, bad = con.execute(
-        "SELECT count(*), coalesce(count_if(NOT ok), 0) FROM inter_raw"
+    rows, bad, bad_rating = con.execute(
+        "SELECT count(*), coalesce(count_if(NOT ok AND NOT bad_rating), 0), "
+        "coalesce(count_if(bad_rating), 0) FROM inter_raw"
     ).fetchall()[0]
     rejected = 0
     if fmt == "rating_only":
@@ -218,7 +224,7 @@ def _read_interactions(
         f"min(ts) AS first_ts, max(ts) AS max_ts, max(ts) FILTER (WHERE ts < {end_excl}) AS last_ts "
         "FROM inter_raw WHERE ok GROUP BY parent_asin"
     )
-    return rows + rejected, bad + rejected
+    return rows + rejected, bad + rejected, bad_rating
 
 
 def _read_meta(con: duckdb.DuckDBPyConnection, path: Path, max_title_words: int) -> tuple[int, int]:
@@ -320,20 +326,24 @@ def _read_both(
     meta_path: Path,
     end_excl: int,
     max_title_words: int,
-) -> dict[Path, tuple[int, int]]:
-    """Both files at once: DuckDB decompresses one gzip stream per thread."""
-    jobs: dict[Path, Callable[[duckdb.DuckDBPyConnection], tuple[int, int]]] = {
+) -> tuple[dict[Path, tuple[int, int]], int]:
+    """Both files at once: DuckDB decompresses one gzip stream per thread. Returns
+    {file: (lines, malformed)} and the number of interactions with a bad rating."""
+    jobs: dict[Path, Callable[[duckdb.DuckDBPyConnection], tuple[int, ...]]] = {
         inter_path: lambda c: _read_interactions(c, inter_path, fmt, end_excl),
         meta_path: lambda c: _read_meta(c, meta_path, max_title_words),
     }
     cursors = {p: con.cursor() for p in jobs}
     out: dict[Path, tuple[int, int]] = {}
+    bad_rating = 0
     try:
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool, _ReadProgress(cursors) as bars:
             futures = {p: pool.submit(job, cursors[p]) for p, job in jobs.items()}
             for p, future in futures.items():
                 try:
-                    out[p] = future.result()
+                    lines, malformed, *extra = future.result()
+                    out[p] = (lines, malformed)
+                    bad_rating += sum(extra)
                 except duckdb.Error as err:
                     raise WindowError(
                         f"{p}: could not be read ({err}); if the file is damaged, download it again"
@@ -342,7 +352,7 @@ def _read_both(
     finally:
         for c in cursors.values():
             c.close()
-    return out
+    return out, bad_rating
 
 
 # ------------------------------------------------------------------------- steps
@@ -612,12 +622,15 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
         clean.register(con)
         end_excl = _ms(w.end + dt.timedelta(days=1))
         with phase("read interactions and metadata, check items"):
-            counts = _read_both(con, inter_path, fmt, meta_path, end_excl, w.max_title_words)
+            counts, n_bad_rating = _read_both(
+                con, inter_path, fmt, meta_path, end_excl, w.max_title_words
+            )
         for p, (lines, malformed) in counts.items():
             _check_malformed(p, lines, malformed, w.max_malformed_share)
 
         with phase("drop duplicate metadata"):
             drops = _clean_items(con)
+        drops["bad_rating"] = n_bad_rating
         with phase("choose the window"):
             start, rolled, n_valid, n_no_meta, reached = _choose_window(con, w, inter_path)
         drops["no_metadata"] = n_no_meta
