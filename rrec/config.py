@@ -53,6 +53,9 @@ class WindowParams(_Strict):
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     max_title_words: int = Field(20, ge=1)
     max_malformed_share: float = Field(0.01, ge=0.0, le=1.0)
+    # Interaction lines lost to bad data (malformed, bad_rating, no_metadata) over all
+    # interaction lines: above this the window stage stops (above 0.2 it warns).
+    max_dropped_share: float = Field(0.5, ge=0.0, le=1.0)
     memory_limit: str = "2GB"
     threads: int = Field(2, ge=1)
 

@@ -6,6 +6,7 @@ import datetime as dt
 import gzip
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,51 @@ def test_malformed_share_over_threshold_fails_and_leaves_no_outputs(tmp_path: Pa
     assert not paths.processed.exists() or not any(paths.processed.iterdir())
     leftovers = [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def _half_without_metadata(tmp_path: Path) -> Paths:
+    """51 of 100 interaction lines name items without valid metadata."""
+    t = ms(2023, 1, 1)
+    rows = [(f"u{i % 10}", f"K{i:03d}", 4.0, t + i * DAY) for i in range(100)]
+    meta_lines = [meta(f"K{i:03d}") for i in range(51, 100)] + [meta("K000", "X")]  # short
+    return setup(tmp_path, rows, meta_lines)
+
+
+def test_large_drops_stop_the_stage_with_the_table_and_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = _half_without_metadata(tmp_path)
+    with pytest.raises(WindowError) as info:
+        run_window(make_params(), paths)  # default data.window.max_dropped_share: 0.5
+    msg = str(info.value)
+    assert f"{CAT}.csv.gz: 51 of 100 interaction lines (51.0%)" in msg
+    assert "no_metadata 51" in msg
+    assert "data.window.max_dropped_share=0.5" in msg and "raise data.window.max_dropped_share" in msg
+    out = capsys.readouterr().out
+    assert "[window] dropped" in out and "no_metadata" in out and "51.0%" in out
+    assert not paths.window_stats.exists() and not paths.items_file.exists()
+
+
+def test_drop_table_is_printed_and_a_large_share_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = _half_without_metadata(tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"51\.0% of the interaction lines .* bad data"):
+        stats = run_window(make_params(max_dropped_share=0.6), paths)
+    assert stats["dropped_share"] == 0.51 and stats["max_dropped_share"] == 0.6
+    out = capsys.readouterr().out
+    table = out[out.index("[window] dropped"):]
+    row = next(line for line in table.splitlines() if line.strip().startswith(f"{CAT}.csv.gz: no_metadata"))
+    assert row.split()[-2:] == ["51", "51.0%"]
+    assert f"meta_{CAT}.jsonl.gz: short_title" in table
+
+    # A clean run prints the table too, and does not warn.
+    rows = [("u1", "A1", 4.0, ms(2023, 1, 1)), ("u1", "A2", 4.0, ms(2023, 1, 2))]
+    clean_paths = setup(tmp_path / "clean", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_window(make_params(), clean_paths)["dropped_share"] == 0.0
+    assert "[window] dropped" in capsys.readouterr().out
 
 
 def test_metadata_line_longer_than_32_mib_is_read(tmp_path: Path) -> None:

@@ -43,7 +43,13 @@ their way into Parquet. The steps, in order, with the counter each one feeds:
 Stats: Table 3's columns (`users`, `items`, `interactions` = interactions in the final
 window, `train`, `valid`, `test`), `examples` (= train + valid + test = interactions -
 users; the paper's "interactions" column equals this number), the window, the months
-rolled back, `drops` {reason: count}, `malformed` and `lines` {file name: count}.
+rolled back, `drops` {reason: count}, `malformed` and `lines` {file name: count},
+`dropped_share` (interaction lines lost to bad data: malformed, bad_rating, no_metadata,
+over all interaction lines) and the `max_dropped_share` it was checked against.
+
+The drop table (every reason, count and share of its file's lines) is printed at the end.
+A `dropped_share` above 0.2 warns; above `data.window.max_dropped_share` the stage stops
+(right after step 4, before the expensive steps) with an error that says how to fix it.
 
 Outputs (`rrec.data.schema`): `data/processed/{items,train,valid,test}.parquet` and
 `reports/window_stats.json`. A run first deletes the previous outputs, writes the new
@@ -108,6 +114,12 @@ _INTERACTION_WELL_FORMED = (
 _RATING_IN_RANGE = "(rating >= 1 AND rating <= 5)"
 
 
+# Interaction lines lost to bad data, as opposed to the protocol's own cuts
+# (outside_window, duplicate_interactions, kcore); their share of the interaction lines
+# is checked against `data.window.max_dropped_share` and warned about above this.
+BAD_DATA_REASONS: tuple[str, ...] = ("malformed", "bad_rating", "no_metadata")
+WARN_DROPPED_SHARE = 0.2
+
 # Every Amazon review is later than this many milliseconds (1973-03-03); a file whose
 # timestamps are all below it holds seconds.
 _SECONDS_NOT_MS = 100_000_000_000
@@ -147,6 +159,79 @@ def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int
     cut_train = math.floor(n * fractions[0] + 1e-9)
     cut_valid = max(math.floor(n * (fractions[0] + fractions[1]) + 1e-9), cut_train)
     return cut_train, cut_valid - cut_train, n - cut_valid
+
+
+def drop_table(stats: dict[str, Any], inter_name: str, meta_name: str) -> str:
+    """The drops of a window run as a table: each reason's count and its share of the lines
+    of the file it comes from."""
+    rows: list[tuple[str, int, int]] = []
+    meta_lines, inter_lines = stats["lines"][meta_name], stats["lines"][inter_name]
+    drops = stats["drops"]  # a run stopped early lacks the later reasons
+    rows.append((f"{meta_name}: malformed lines", stats["malformed"][meta_name], meta_lines))
+    rows += [(f"{meta_name}: {r}", drops[r], meta_lines) for r in clean.ITEM_REASONS if r in drops]
+    rows.append((f"{inter_name}: malformed lines", stats["malformed"][inter_name], inter_lines))
+    rows += [(f"{inter_name}: {r}", drops[r], inter_lines) for r in INTERACTION_REASONS
+             if r in drops]
+    width = max(len(r[0]) for r in rows)
+    out = [f"[window] dropped (share of the file's lines; {meta_name}: {meta_lines:,} lines, "
+           f"{inter_name}: {inter_lines:,} lines):"]
+    out += [f"  {name:<{width}} {n:>12,} {n / max(total, 1):>7.1%}" for name, n, total in rows]
+    for field_name, n in stats.get("bad_fields", {}).items():
+        out.append(f"  {meta_name}: {field_name} of the wrong type, read as missing: {n:,}")
+    out.append(
+        f"  interaction lines lost to bad data ({', '.join(BAD_DATA_REASONS)}): "
+        f"{stats['dropped_share']:.1%} (data.window.max_dropped_share: "
+        f"{stats['max_dropped_share']:g})"
+    )
+    return "\n".join(out)
+
+
+def _drop_stats(
+    drops: dict[str, int], counts: dict[Path, tuple[int, int]], inter_path: Path, limit: float
+) -> dict[str, Any]:
+    """The stats' drop counts, malformed and lines per file, and the share of the
+    interaction lines lost to bad data."""
+    lines, malformed = counts[inter_path]
+    lost = malformed + sum(drops.get(r, 0) for r in BAD_DATA_REASONS if r != "malformed")
+    return {
+        "drops": {r: int(drops[r]) for r in DROP_REASONS if r in drops},
+        "malformed": {p.name: m for p, (_, m) in counts.items()},
+        "lines": {p.name: n for p, (n, _) in counts.items()},
+        "dropped_share": round(lost / max(lines, 1), 6),
+        "max_dropped_share": limit,
+    }
+
+
+def _check_dropped(
+    stats: dict[str, Any], inter_path: Path, meta_name: str, limit: float, *, final: bool
+) -> None:
+    """Stop when too much of the data was bad (printing the drop table first); at the end
+    of the stage (`final`) print the table and warn when much of it was."""
+    share = stats["dropped_share"]
+    if share <= limit and not final:
+        return
+    print(drop_table(stats, inter_path.name, meta_name), flush=True)
+    lost = {r: stats["malformed"][inter_path.name] if r == "malformed" else stats["drops"][r]
+            for r in BAD_DATA_REASONS}
+    what = ", ".join(f"{r} {n:,}" for r, n in lost.items())
+    lines = stats["lines"][inter_path.name]
+    if share > limit:
+        raise WindowError(
+            f"{inter_path}: {sum(lost.values()):,} of {lines:,} interaction lines ({share:.1%}) "
+            f"were dropped as bad data ({what}), above data.window.max_dropped_share={limit:g}. "
+            f"no_metadata means the item has no valid metadata line: check that both files are "
+            f"of the same data.category and complete (download them again), and the drop table "
+            f"above for why items were dropped; if the data really is like this, raise "
+            f"data.window.max_dropped_share in params.yaml to accept it"
+        )
+    if share > WARN_DROPPED_SHARE:
+        warnings.warn(
+            f"window: {share:.1%} of the interaction lines of {inter_path.name} were dropped as "
+            f"bad data ({what}); see the drop table (stops above "
+            f"data.window.max_dropped_share={limit:g})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class _Phases:
@@ -634,6 +719,9 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
         with phase("choose the window"):
             start, rolled, n_valid, n_no_meta, reached = _choose_window(con, w, inter_path)
         drops["no_metadata"] = n_no_meta
+        # Stop before the expensive steps when too much was bad data.
+        _check_dropped(_drop_stats(drops, counts, inter_path, w.max_dropped_share), inter_path,
+                       meta_path.name, w.max_dropped_share, final=False)
         with phase("cut the window, drop duplicates"):
             n_in, n_kept = _cut_window(con, _ms(start), end_excl)
         drops["outside_window"] = n_valid - n_in
@@ -667,10 +755,9 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
             "window_end": w.end.isoformat(),
             "months_rolled_back": rolled,
             "min_items_reached": reached,
-            "drops": {r: int(drops[r]) for r in DROP_REASONS},
-            "malformed": {p.name: m for p, (_, m) in counts.items()},
-            "lines": {p.name: n for p, (n, _) in counts.items()},
+            **_drop_stats(drops, counts, inter_path, w.max_dropped_share),
         }
+        _check_dropped(stats, inter_path, meta_path.name, w.max_dropped_share, final=True)
         _publish(staging, paths, stats)
         print(f"[window] done in {phase.total():.2f} s: {users} users, {items} items, "
               f"{n_examples} examples", flush=True)
