@@ -242,10 +242,60 @@ def test_text_cleaning_spaces_every_control_and_non_ascii_character() -> None:
     def cleaned(text: str) -> str:
         return con.execute("SELECT rrec_clean_text(?)", [text]).fetchone()[0]
 
-    for code in [*range(0x20), 0x7F, 0xA0, 0xE9, 0x2014, 0x1F600]:
+    for code in [*range(1, 0x20), 0x7F, 0xA0, 0xE9, 0x2014, 0x1F600]:
         assert cleaned(f"a{chr(code)}b") == "a b", hex(code)
+    assert cleaned("a\x00b") == "ab"  # NUL (JSON's \u0000) is removed, not spaced
     assert cleaned('  say "hi"   \\ ok ') == 'say "hi" \\ ok'
     assert cleaned('say "hi" \\ ok') == 'say "hi" \\ ok'
+
+
+def test_wrongly_typed_metadata_fields_are_counted(tmp_path: Path) -> None:
+    meta_lines = [
+        meta("T1", "Features string", features="not a list", rating_number="1,234"),
+        meta("T2", "Mixed list", features=["ok", 7, {"k": 1}], categories=["Toys", None],
+             average_rating="4.5", rating_number=12.5),
+        meta("T3", "Store list", store=["s"], main_category=5, description={"a": 1}),
+        meta("T4", "All fine", features=["f"], description=[], categories=None, store="S",
+             average_rating=4, rating_number=12.0),
+    ]
+    rows = [("u1", f"T{i}", 4.0, ms(2023, 1, i)) for i in range(1, 5)]
+    stats = run_window(make_params(), setup(tmp_path, rows, meta_lines))
+    assert stats["wrong_type"] == {
+        "description": 1, "features": 2, "categories": 0, "store": 1, "main_category": 1,
+        "average_rating": 1, "rating_number": 2,
+    }
+    items = items_by_asin(Paths(tmp_path))
+    assert len(items) == 4  # a wrong field is missing, not a reason to drop the item
+    assert (items["T1"]["features"], items["T1"]["rating_number"]) == ("", None)
+    assert items["T2"]["features"] == "ok" and items["T2"]["categories"] == "Toys"
+    assert (items["T2"]["average_rating"], items["T2"]["rating_number"]) == (None, None)
+    assert (items["T3"]["store"], items["T3"]["main_category"]) == ("", "")
+    t4 = items["T4"]
+    assert (t4["features"], t4["store"], t4["average_rating"], t4["rating_number"]) == ("f", "S", 4.0, 12)
+
+
+@pytest.mark.parametrize("fmt", ["rating_only", "reviews"])
+def test_json_nul_escape_is_valid_and_stripped(tmp_path: Path, fmt: str) -> None:
+    # "\u0000" is a valid JSON escape: the line is read, the character removed.
+    meta_lines = [
+        meta("N1\u0000", "Nul\u0000 Title", description=["de\u0000sc"]),
+        meta("N2", "Plain"),
+    ]
+    rows = [("u\u00001", "N1", 4.0, ms(2023, 1, 1)), ("u1", "N2", 5.0, ms(2023, 1, 2))]
+    paths = Paths(tmp_path)
+    write_gz(paths.meta_file(CAT), meta_lines)
+    if fmt == "rating_only":
+        write_gz(paths.rating_only_file(CAT), csv_lines([(u.replace("\u0000", ""), *r)
+                                                         for u, *r in rows]))
+    else:
+        write_gz(paths.reviews_file(CAT), review_lines(rows))
+    stats = run_window(make_params(fmt), paths)
+    assert sum(stats["malformed"].values()) == 0
+    assert stats["drops"]["no_metadata"] == 0
+    assert (stats["users"], stats["items"], stats["examples"]) == (1, 2, 1)
+    n1 = items_by_asin(paths)["N1"]
+    assert (n1["title"], n1["description"]) == ("Nul Title", "desc")
+    assert [e["user_id"] for e in all_examples(paths)] == ["u1"]
 
 
 # -------------------------------------------------------------------- malformed

@@ -30,6 +30,15 @@ non-ASCII characters to spaces, collapse spaces, strip. List elements are cleane
 one and empty ones dropped before joining. Unescaping comes first so that escaped markup
 (`&lt;br&gt;`) is dropped like real markup.
 
+The other metadata fields are read as JSON and typed by the `rrec_meta_*` macros (for
+the items kept only, when the items are written): description, features and categories
+must be arrays of strings, store and main_category strings, average_rating a finite
+number and rating_number a whole number >= 0. A field of another type is read as
+missing and counted (`wrong_type`, per field, see `TYPED_FIELDS`); in an array, elements
+that are not strings are left out and the field counted. JSON null and an absent field
+are missing, not wrong. A NUL character (the valid JSON escape `\u0000`) is removed from
+every string: ids, title and text.
+
 DuckDB has no HTML unescape of its own (the `inet` extension's needs a download), so
 `rrec_unescape` is a Python UDF (`html.unescape` itself); only strings that contain `&`
 reach Python.
@@ -50,6 +59,18 @@ ITEM_REASONS: tuple[str, ...] = (
     "bad_price",
     "duplicate_meta",
 )
+
+# The metadata fields typed by macros, and their kind: list (array of strings), text
+# (string), number (finite), count (whole number >= 0).
+TYPED_FIELDS: dict[str, str] = {
+    "description": "list",
+    "features": "list",
+    "categories": "list",
+    "store": "text",
+    "main_category": "text",
+    "average_rating": "number",
+    "rating_number": "count",
+}
 
 _TAG = r"</?[A-Za-z!][^<>]*>"
 _NOT_PRINTABLE_ASCII = r"[^\x20-\x7E]"
@@ -76,9 +97,35 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
             "OR ends_with(s, ' ')"
         ),
         "rrec_squash(s)": (
-            "CASE WHEN rrec_needs_squash(s) THEN trim("
-            f"regexp_replace(regexp_replace(s, '{_NOT_PRINTABLE_ASCII}', ' ', 'g'), ' {{2,}}', "
+            "CASE WHEN rrec_needs_squash(s) THEN trim(regexp_replace(regexp_replace("
+            f"replace(s, chr(0), ''), '{_NOT_PRINTABLE_ASCII}', ' ', 'g'), ' {{2,}}', "
             "' ', 'g')) ELSE s END"
+        ),
+        # An id without NUL characters (a valid JSON escape, never part of an id).
+        "rrec_strip_nul(s)": "CASE WHEN contains(s, chr(0)) THEN replace(s, chr(0), '') ELSE s END",
+        # Typed metadata fields from JSON: the value, or NULL when of another type.
+        "rrec_meta_list(j)": (
+            "CASE WHEN json_type(j) = 'ARRAY' THEN list_transform(list_filter("
+            "json_extract(j, '$[*]'), lambda x: json_type(x) = 'VARCHAR'), "
+            "lambda x: json_extract_string(x, '$')) END"
+        ),
+        "rrec_meta_text(j)": "CASE WHEN json_type(j) = 'VARCHAR' THEN json_extract_string(j, '$') END",
+        "rrec_meta_number(j)": (
+            "CASE WHEN json_type(j) IN ('BIGINT', 'UBIGINT', 'HUGEINT', 'DOUBLE') AND "
+            "isfinite(TRY_CAST(j AS DOUBLE)) THEN TRY_CAST(j AS DOUBLE) END"
+        ),
+        "rrec_meta_count(j)": (
+            "CASE WHEN json_type(j) IN ('BIGINT', 'UBIGINT', 'HUGEINT', 'DOUBLE') AND "
+            "TRY_CAST(j AS DOUBLE) >= 0 AND TRY_CAST(j AS DOUBLE) = TRY_CAST(j AS BIGINT) "
+            "THEN TRY_CAST(j AS BIGINT) END"
+        ),
+        # Whether a present, non-null field is of the wrong type: a scalar whose typed
+        # value is NULL, or not an array of strings (null elements allowed).
+        "rrec_meta_wrong(j, value)": "coalesce(json_type(j) <> 'NULL' AND value IS NULL, false)",
+        "rrec_meta_list_wrong(j)": (
+            "coalesce(json_type(j) NOT IN ('NULL', 'ARRAY') OR (json_type(j) = 'ARRAY' AND NOT "
+            "list_bool_and(list_transform(json_type(j, '$[*]'), "
+            "lambda t: t IN ('VARCHAR', 'NULL')))), false)"
         ),
         "rrec_clean_text(s)": "coalesce(rrec_squash(rrec_drop_tags(rrec_unescape_if(s))), '')",
         # Takes the already unescaped title (the span check needs that one too).

@@ -44,6 +44,8 @@ Stats: Table 3's columns (`users`, `items`, `interactions` = interactions in the
 window, `train`, `valid`, `test`), `examples` (= train + valid + test = interactions -
 users; the paper's "interactions" column equals this number), the window, the months
 rolled back, `drops` {reason: count}, `malformed` and `lines` {file name: count},
+`wrong_type` {metadata field: items written whose field had the wrong type and was read
+as missing (`rrec.data.clean.TYPED_FIELDS`)},
 `dropped_share` (interaction lines lost to bad data: malformed, bad_rating, no_metadata,
 over all interaction lines) and the `max_dropped_share` it was checked against.
 
@@ -100,11 +102,12 @@ DROP_REASONS: tuple[str, ...] = clean.ITEM_REASONS + INTERACTION_REASONS
 _INTERACTION_COLUMNS = (
     "{'user_id': 'VARCHAR', 'parent_asin': 'VARCHAR', 'rating': 'DOUBLE', 'timestamp': 'BIGINT'}"
 )
-# Only the fields the later stages use; JSON for the two whose type decides validity.
+# Only the fields the later stages use; JSON but for the id, so that a field of the wrong
+# type is seen (and counted) instead of being read as NULL (`rrec.data.clean`).
 _META_COLUMNS = (
-    "{'parent_asin': 'VARCHAR', 'title': 'JSON', 'price': 'JSON', 'description': 'VARCHAR[]', "
-    "'features': 'VARCHAR[]', 'store': 'VARCHAR', 'categories': 'VARCHAR[]', "
-    "'main_category': 'VARCHAR', 'average_rating': 'DOUBLE', 'rating_number': 'BIGINT'}"
+    "{'parent_asin': 'VARCHAR', 'title': 'JSON', 'price': 'JSON', "
+    + ", ".join(f"'{f}': 'JSON'" for f in clean.TYPED_FIELDS)
+    + "}"
 )
 _INTERACTION_WELL_FORMED = (
     "(user_id IS NOT NULL AND user_id <> '' AND parent_asin IS NOT NULL AND parent_asin <> '' "
@@ -176,8 +179,10 @@ def drop_table(stats: dict[str, Any], inter_name: str, meta_name: str) -> str:
     out = [f"[window] dropped (share of the file's lines; {meta_name}: {meta_lines:,} lines, "
            f"{inter_name}: {inter_lines:,} lines):"]
     out += [f"  {name:<{width}} {n:>12,} {n / max(total, 1):>7.1%}" for name, n, total in rows]
-    for field_name, n in stats.get("bad_fields", {}).items():
-        out.append(f"  {meta_name}: {field_name} of the wrong type, read as missing: {n:,}")
+    wrong = {f: n for f, n in stats.get("wrong_type", {}).items() if n}
+    if wrong:
+        out.append(f"  items kept with a field of the wrong type, read as missing: "
+                   + ", ".join(f"{f} {n:,}" for f, n in wrong.items()))
     out.append(
         f"  interaction lines lost to bad data ({', '.join(BAD_DATA_REASONS)}): "
         f"{stats['dropped_share']:.1%} (data.window.max_dropped_share: "
@@ -293,7 +298,8 @@ def _read_interactions(
         "CREATE OR REPLACE TABLE inter_raw AS SELECT * EXCLUDE (well_formed), "
         f"well_formed AND {_RATING_IN_RANGE} AS ok, well_formed AND NOT {_RATING_IN_RANGE} "
         f"AS bad_rating FROM (SELECT *, {_INTERACTION_WELL_FORMED} AS well_formed FROM ("
-        f"SELECT user_id, parent_asin, rating, \"timestamp\" AS ts FROM {source}))"
+        f"SELECT rrec_strip_nul(user_id) AS user_id, rrec_strip_nul(parent_asin) AS "
+        f"parent_asin, rating, \"timestamp\" AS ts FROM {source}))"
     )
     rows, bad, bad_rating = con.execute(
         "SELECT count(*), coalesce(count_if(NOT ok AND NOT bad_rating), 0), "
@@ -322,6 +328,10 @@ def _read_meta(con: duckdb.DuckDBPyConnection, path: Path, max_title_words: int)
         source = (
             f"read_json({_q(path)}, format='newline_delimited', ignore_errors=true, "
             f"maximum_object_size={max_object_size}, columns={_META_COLUMNS})"
+        )
+        source = (
+            "(SELECT * REPLACE (rrec_strip_nul(parent_asin) AS parent_asin) "
+            f"FROM {source})"
         )
         # The title and price checks run in the reading pipeline, on the threads that parse.
         con.execute(
@@ -614,9 +624,9 @@ def _write_outputs(
     paths: Paths,
     sizes: tuple[int, int, int],
     max_history: int,
-) -> None:
+) -> dict[str, int]:
     """The items (text cleaning, on a second connection and thread) while the examples are
-    built and split."""
+    built and split; returns the wrong-type counts of the items written."""
     _item_ids(con)
     cursor = con.cursor()
     try:
@@ -630,21 +640,38 @@ def _write_outputs(
             items_done.result()
     finally:
         cursor.close()
+    return _wrong_types(con)
 
 
-_ITEMS_QUERY = """
-    SELECT i.item_id, i.parent_asin, m.title,
-        rrec_clean_list(m.description, ' ') AS description,
-        rrec_clean_list(m.features, ' ') AS features,
-        rrec_clean_text(m.store) AS store,
-        rrec_clean_list(m.categories, ' > ') AS categories,
-        rrec_clean_text(m.main_category) AS main_category,
-        m.price, m.average_rating, m.rating_number, i.n_interactions
+_ITEM_LINES = """
     FROM item_ids i
     JOIN meta_valid v USING (parent_asin)
     JOIN meta_raw m ON m.rowid = v.line_no
+"""
+_ITEMS_QUERY = f"""
+    SELECT i.item_id, i.parent_asin, m.title,
+        rrec_clean_list(rrec_meta_list(m.description), ' ') AS description,
+        rrec_clean_list(rrec_meta_list(m.features), ' ') AS features,
+        rrec_clean_text(rrec_meta_text(m.store)) AS store,
+        rrec_clean_list(rrec_meta_list(m.categories), ' > ') AS categories,
+        rrec_clean_text(rrec_meta_text(m.main_category)) AS main_category,
+        m.price, rrec_meta_number(m.average_rating) AS average_rating,
+        rrec_meta_count(m.rating_number) AS rating_number, i.n_interactions
+    {_ITEM_LINES}
     ORDER BY i.item_id
 """
+# Per typed field, the items written whose field had the wrong type (read as missing).
+_WRONG_TYPE_QUERY = "SELECT " + ", ".join(
+    f"coalesce(count_if(rrec_meta_list_wrong(m.{f})), 0)" if kind == "list"
+    else f"coalesce(count_if(rrec_meta_wrong(m.{f}, rrec_meta_{kind}(m.{f}))), 0)"
+    for f, kind in clean.TYPED_FIELDS.items()
+) + _ITEM_LINES
+
+
+def _wrong_types(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """{field: items written whose field had the wrong type}, over `item_ids`."""
+    counts = con.execute(_WRONG_TYPE_QUERY).fetchone()
+    return {f: int(n) for f, n in zip(clean.TYPED_FIELDS, counts, strict=True)}
 
 
 def _publish(staging: Path, paths: Paths, stats: dict[str, Any]) -> None:
@@ -740,7 +767,7 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
             )
         sizes = split_sizes(n_examples, w.split)
         with phase("write examples and items"):
-            _write_outputs(con, staging, paths, sizes, w.max_history)
+            wrong_type = _write_outputs(con, staging, paths, sizes, w.max_history)
 
         stats: dict[str, Any] = {
             "category": category,
@@ -756,6 +783,7 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
             "months_rolled_back": rolled,
             "min_items_reached": reached,
             **_drop_stats(drops, counts, inter_path, w.max_dropped_share),
+            "wrong_type": wrong_type,
         }
         _check_dropped(stats, inter_path, meta_path.name, w.max_dropped_share, final=True)
         _publish(staging, paths, stats)
