@@ -7,6 +7,7 @@ import random
 import socket
 import sys
 import threading
+import time
 import types
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +41,8 @@ class Server:
     files: dict[str, bytes] = field(default_factory=dict)
     cut_next: int = 0  # this many upcoming GETs announce the full length, then stop halfway
     ignore_range: bool = False
+    fail_next: list[int] = field(default_factory=list)  # statuses answered before serving
+    delay_s: float = 0.0  # wait this long before answering
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     port: int = 0
 
@@ -62,6 +65,11 @@ def _handler(state: Server) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             range_header = self.headers.get("Range")
             state.requests.append((self.path, range_header))
+            if state.delay_s:
+                time.sleep(state.delay_s)
+            if state.fail_next:
+                self.send_error(state.fail_next.pop(0))
+                return
             body = state.files.get(self.path)
             if body is None:
                 self.send_error(404)
@@ -93,10 +101,17 @@ def _handler(state: Server) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+        # a client that gave up (a timeout test) is expected
+
+
 @pytest.fixture
 def server(request: pytest.FixtureRequest) -> Server:
     state = Server()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    httpd = _QuietServer(("127.0.0.1", 0), _handler(state))
     state.port = httpd.server_address[1]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -347,3 +362,68 @@ def test_run_download_sample_calls_write_sample(
     paths = Paths(root=tmp_path)
     assert run_download(params, paths, fetch_fn=no_fetch) == result
     assert seen == [(params.data.sample, "Video_Games", paths.raw)]
+
+
+# ------------------------------------------------------------------ retries
+
+
+def _retrying(server: Server, retries: int = 3) -> tuple[Params, list[float]]:
+    params = Params.model_validate(
+        {"data": {"source": "amazon2023", "category": "Toy_Cat", "base_url": server.base,
+                  "interactions": "rating_only", "timeout_s": 10.0, "chunk_bytes": CHUNK,
+                  "retries": retries}}
+    )
+    return params, []
+
+
+META = "/raw/meta_categories/meta_Toy_Cat.jsonl.gz"
+
+
+def test_404_is_not_retried(server: Server, tmp_path: Path) -> None:
+    params, slept = _retrying(server)
+    with pytest.raises(DownloadError, match="HTTP 404") as info:
+        download_one(params, Paths(root=tmp_path), "meta", sleep=slept.append)
+    assert info.value.transient is False
+    assert len(server.requests) == 1 and slept == []
+
+
+def test_failed_integrity_check_is_not_retried(server: Server, tmp_path: Path) -> None:
+    body = bytearray(gz_bytes(21))
+    body[len(body) // 2] ^= 0xFF
+    server.files[META] = bytes(body)
+    params, slept = _retrying(server)
+    with pytest.raises(DownloadError, match="integrity check") as info:
+        download_one(params, Paths(root=tmp_path), "meta", sleep=slept.append)
+    assert info.value.transient is False
+    assert len(server.requests) == 1 and slept == []
+
+
+def test_transient_failures_are_retried_then_succeed(server: Server, tmp_path: Path) -> None:
+    server.files[META] = body = gz_bytes(22)
+    server.fail_next = [503, 502]
+    params, slept = _retrying(server)
+    got = download_one(params, Paths(root=tmp_path), "meta", sleep=slept.append)
+    assert got.read_bytes() == body
+    assert len(server.requests) == 3 and slept == [2.0, 10.0]
+
+
+def test_transient_failures_give_up_after_data_retries(server: Server, tmp_path: Path) -> None:
+    server.files[META] = gz_bytes(23)
+    server.fail_next = [503] * 5
+    params, slept = _retrying(server, retries=2)
+    with pytest.raises(DownloadError, match=r"HTTP 503.*gave up after 2 retries") as info:
+        download_one(params, Paths(root=tmp_path), "meta", sleep=slept.append)
+    assert info.value.transient is True
+    assert len(server.requests) == 3 and slept == [2.0, 10.0]
+
+
+def test_read_timeout_is_not_reported_as_connecting(server: Server, tmp_path: Path) -> None:
+    server.files["/slow.csv.gz"] = gz_bytes(24)
+    server.delay_s = 1.0  # accepts the connection, then says nothing for a second
+    with pytest.raises(DownloadError) as info:
+        fetch(server.url("/slow.csv.gz"), tmp_path / "slow.csv.gz", timeout_s=0.2,
+              chunk_bytes=CHUNK, progress=False)
+    msg = str(info.value)
+    assert "while connecting" not in msg
+    assert "sent no response for 0.2 s (read timeout" in msg
+    assert info.value.transient is True

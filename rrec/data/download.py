@@ -4,6 +4,12 @@
 `Range` request, checks that the result is a complete gzip stream and only then renames
 it to `dest`, so `dest` either does not exist or is whole. It never retries by itself:
 calling it again after a failure resumes where the previous call stopped.
+
+Every failure is a `DownloadError` whose `transient` says whether trying again can help:
+connection failures, timeouts, a transfer cut short and HTTP 408/429/5xx are transient;
+HTTP 404 and other 4xx, a file that fails the gzip integrity check, a size mismatch and
+a bad URL are not. `download_one` retries only the transient ones (`data.retries` times,
+RETRY_DELAYS_S apart, each retry resuming the partial file); the others fail at once.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import gzip
 import logging
 import os
 import re
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +41,19 @@ FetchFn = Callable[..., Path]
 
 
 class DownloadError(RuntimeError):
-    """A file that could not be fetched or verified; the message names the URL and the reason."""
+    """A file that could not be fetched or verified; the message names the URL and the reason.
+    `transient`: the failure may go away by itself (network, server overload), so trying
+    again can help; otherwise it would fail the same way again."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# Seconds before the 1st, 2nd, 3rd, ... retry of a transient failure (the last repeats).
+RETRY_DELAYS_S: tuple[float, ...] = (2.0, 10.0, 30.0)
+# HTTP statuses that say "try again later".
+_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def source_urls(data: DataParams) -> dict[str, str]:
@@ -157,12 +176,19 @@ def _get(url: str, offset: int, timeout_s: float) -> requests.Response:
         headers["Range"] = f"bytes={offset}-"
     try:
         return requests.get(url, headers=headers, stream=True, timeout=timeout_s)
-    except requests.Timeout as err:
-        raise DownloadError(f"{url}: timed out after {timeout_s:g} s while connecting ({err})") from err
+    except requests.ConnectTimeout as err:
+        raise DownloadError(
+            f"{url}: timed out after {timeout_s:g} s while connecting ({err})", transient=True
+        ) from err
+    except requests.ReadTimeout as err:
+        raise DownloadError(
+            f"{url}: connected, but the server sent no response for {timeout_s:g} s "
+            f"(read timeout, data.timeout_s); {err}", transient=True
+        ) from err
     except requests.ConnectionError as err:
-        raise DownloadError(f"{url}: connection failed ({err})") from err
+        raise DownloadError(f"{url}: connection failed ({err})", transient=True) from err
     except requests.RequestException as err:
-        raise DownloadError(f"{url}: request failed ({err})") from err
+        raise DownloadError(f"{url}: request failed ({err})", transient=True) from err
 
 
 def _download_http(
@@ -187,7 +213,10 @@ def _download_http(
         if status == 404:
             raise _not_found(url, "HTTP 404")
         if status >= 400:
-            raise DownloadError(f"{url}: HTTP {status} {resp.reason or ''}".rstrip())
+            raise DownloadError(
+                f"{url}: HTTP {status} {resp.reason or ''}".rstrip(),
+                transient=status in _TRANSIENT_STATUS,
+            )
         if status == 206:
             start, total = _content_range(resp.headers.get("Content-Range"))
             if start != offset and not offset:
@@ -235,7 +264,8 @@ def _download_http(
             )
         raise DownloadError(
             f"{url}: transfer ended after {written} of {total} bytes; "
-            f"{part} was kept, run the download again to resume"
+            f"{part} was kept, run the download again to resume",
+            transient=True,
         )
 
 
@@ -251,13 +281,15 @@ def _body(
             return
         except urllib3.exceptions.ReadTimeoutError as err:
             raise DownloadError(
-                f"{url}: no data for {timeout_s:g} s ({err}); {part} was kept, "
-                f"run the download again to resume"
+                f"{url}: no data for {timeout_s:g} s during the transfer ({err}); {part} was "
+                f"kept, run the download again to resume",
+                transient=True,
             ) from err
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as err:
             raise DownloadError(
                 f"{url}: connection lost during the transfer ({err}); {part} was kept, "
-                f"run the download again to resume"
+                f"run the download again to resume",
+                transient=True,
             ) from err
         yield chunk
 
@@ -274,8 +306,16 @@ def target_path(params: Params, paths: Paths, key: Key) -> Path:
     raise ValueError(f"download key must be one of {list(KEYS)}, got {key!r}")
 
 
-def download_one(params: Params, paths: Paths, key: Key, fetch_fn: FetchFn = fetch) -> Path:
-    """Fetch one source file (`key` "interactions" or "meta") of `params.data.category`."""
+def download_one(
+    params: Params,
+    paths: Paths,
+    key: Key,
+    fetch_fn: FetchFn = fetch,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
+    """Fetch one source file (`key` "interactions" or "meta") of `params.data.category`,
+    retrying transient failures up to `data.retries` times (RETRY_DELAYS_S apart); a
+    failure that would repeat (HTTP 404, a failed integrity check, ...) is raised at once."""
     if params.data.source == "sample":
         raise ValueError(
             "data.source is 'sample': there is nothing to download; run_download writes the "
@@ -283,7 +323,23 @@ def download_one(params: Params, paths: Paths, key: Key, fetch_fn: FetchFn = fet
         )
     dest = target_path(params, paths, key)
     url = source_urls(params.data)[key]
-    return fetch_fn(url, dest, timeout_s=params.data.timeout_s, chunk_bytes=params.data.chunk_bytes)
+    retries = params.data.retries
+    for attempt in range(retries + 1):
+        try:
+            return fetch_fn(
+                url, dest, timeout_s=params.data.timeout_s, chunk_bytes=params.data.chunk_bytes
+            )
+        except DownloadError as err:
+            if not err.transient or attempt == retries:
+                if err.transient and retries:
+                    raise DownloadError(
+                        f"{err} (gave up after {retries} retries, data.retries)", transient=True
+                    ) from err
+                raise
+            delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+            log.warning("%s; retry %d of %d in %g s", err, attempt + 1, retries, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def run_download(params: Params, paths: Paths, fetch_fn: FetchFn = fetch) -> dict[str, Path]:
