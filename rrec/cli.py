@@ -59,8 +59,17 @@ def read_requests(path: Path) -> list[dict[str, Any]]:
     {"history": [...], "k": 10, "now": <ms>}."""
     if not path.exists():
         raise _fail(f"{path}: input file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise _fail(
+            f"{path}:{line}: not UTF-8 text (byte {data[err.start:err.start + 1]!r} at offset "
+            f"{err.start}); save the requests as UTF-8 JSON lines"
+        ) from None
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

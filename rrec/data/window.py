@@ -354,15 +354,20 @@ def _read_meta(con: duckdb.DuckDBPyConnection, path: Path, max_title_words: int)
     return rows, rows - ok
 
 
-def _check_malformed(path: Path, lines: int, malformed: int, limit: float) -> None:
+def check_malformed(
+    path: Path, lines: int, malformed: int, limit: float,
+    fix: str = "the file is probably damaged: download it again",
+) -> None:
+    """Stop (WindowError) when `path` holds no lines or more than `limit` of them are
+    malformed (`data.window.max_malformed_share`); `fix` says what to do about the file."""
     if lines == 0:
-        raise WindowError(f"{path}: holds no lines; download it again")
+        raise WindowError(f"{path}: holds no lines; {fix}")
     share = malformed / lines
     if share > limit:
         raise WindowError(
             f"{path}: {malformed:,} of {lines:,} lines are malformed (share {share:.4f}, above "
-            f"data.window.max_malformed_share={limit}); the file is probably damaged: download "
-            f"it again, or raise data.window.max_malformed_share to accept it"
+            f"data.window.max_malformed_share={limit}); {fix}, or raise "
+            f"data.window.max_malformed_share to accept it"
         )
 
 
@@ -738,7 +743,7 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
                 con, inter_path, fmt, meta_path, end_excl, w.max_title_words
             )
         for p, (lines, malformed) in counts.items():
-            _check_malformed(p, lines, malformed, w.max_malformed_share)
+            check_malformed(p, lines, malformed, w.max_malformed_share)
 
         with phase("drop duplicate metadata"):
             drops = _clean_items(con)
@@ -801,7 +806,10 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
             pass  # another run still spills there, or it was never created
 
 
-__all__ = ["DROP_REASONS", "WindowError", "months_before", "run_window", "split_sizes"]
+__all__ = [
+    "DROP_REASONS", "WindowError", "check_malformed", "drop_table", "months_before", "run_window",
+    "split_sizes",
+]
 
 
 def clean_meta_file(

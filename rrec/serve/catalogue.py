@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rrec.data.schema import ITEMS
-from rrec.data.window import clean_meta_file
+from rrec.data.window import check_malformed, clean_meta_file
 from rrec.prompts import item_messages
 
 if TYPE_CHECKING:
@@ -204,13 +204,19 @@ def encode_item_rows(recommender: Recommender, rows: Sequence[dict[str, Any]]) -
 
 
 def add_items_from_file(recommender: Recommender, path: Path) -> CatalogueUpdate:
-    """`add_or_replace_items` for a metadata file (`.jsonl` or `.jsonl.gz`)."""
+    """`add_or_replace_items` for a metadata file (`.jsonl` or `.jsonl.gz`). A file whose
+    malformed share exceeds `data.window.max_malformed_share` changes nothing (ValueError),
+    as in the window stage."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: metadata file not found")
-    rows, dropped, lines = clean_meta_file(path, recommender.params.data.window.max_title_words)
+    window = recommender.params.data.window
+    rows, dropped, lines = clean_meta_file(path, window.max_title_words)
     if lines == 0:
         raise ValueError(f"{path}: holds no metadata lines")
+    # The window stage's rule: a file with too many malformed lines changes nothing.
+    check_malformed(path, lines, dropped.get("malformed", 0), window.max_malformed_share,
+                    fix="fix the file (one Amazon 2023 metadata JSON object a line)")
     update = CatalogueUpdate(lines=lines, dropped=dropped)
     if not rows:
         return update
@@ -238,7 +244,10 @@ def add_or_replace_items(recommender: Recommender, meta_lines: Iterable[str]) ->
                     n += 1
         if n == 0:
             raise ValueError("no metadata lines given (one JSON object per line)")
-        return add_items_from_file(recommender, path)
+        try:
+            return add_items_from_file(recommender, path)
+        except ValueError as err:  # name what the caller gave, not the temporary file
+            raise ValueError(str(err).replace(str(path), "the metadata lines given")) from None
 
 
 def remove_items(recommender: Recommender, parent_asins: Iterable[str]) -> CatalogueUpdate:

@@ -1,0 +1,71 @@
+"""Serving inputs checked before any model work: catalogue files with too many malformed
+lines, request files that are not UTF-8 (no trained model needed: the checks come first)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rrec.config import Params, parse_params
+from rrec.serve import recommend as recommend_module
+from rrec.serve.catalogue import add_items_from_file, add_or_replace_items
+
+GOOD = json.dumps({"parent_asin": "NEW0000001", "title": "A New Game", "price": 19.99})
+MALFORMED = ['{"parent_asin": "NEW0000002", "title": "cut', "not json at all"]
+
+
+def _params(**window: object) -> Params:
+    return parse_params({"data": {"window": window}})
+
+
+class _NoModel:
+    """Stands in for a Recommender: anything past the input checks fails the test."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the update went on to use the model ({name})")
+
+
+def test_catalogue_add_refuses_a_file_of_mostly_malformed_lines(tmp_path: Path) -> None:
+    meta = tmp_path / "new_meta.jsonl"
+    meta.write_text("\n".join([GOOD, *MALFORMED]) + "\n")
+    rec = _NoModel(_params())  # max_malformed_share 0.01, as committed
+    with pytest.raises(ValueError, match=r"new_meta\.jsonl: 2 of 3 lines are malformed .*"
+                                         r"data\.window\.max_malformed_share=0\.01.*fix the file"):
+        add_items_from_file(rec, meta)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^the metadata lines given: 2 of 3 lines are malformed"):
+        add_or_replace_items(rec, [GOOD, *MALFORMED])  # type: ignore[arg-type]
+
+
+def test_cli_catalogue_add_names_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rrec.cli import app
+
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    meta = tmp_path / "new_meta.jsonl"
+    meta.write_text("\n".join([GOOD, *MALFORMED]) + "\n")
+    monkeypatch.setattr(recommend_module.Recommender, "from_dir",
+                        classmethod(lambda cls, p, paths, method, **kw: _NoModel(p)))
+    result = CliRunner().invoke(app, ["catalogue", "add", "--meta", str(meta), "--root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "2 of 3 lines are malformed" in result.output
+    assert "data.window.max_malformed_share" in result.output
+    assert not (tmp_path / "models").exists()  # nothing saved
+
+
+def test_cli_recommend_input_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    from rrec.cli import app
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(b'[1, 2]\n{"history": [3], "note": "caf\xe9"}\n')  # Latin-1
+    result = CliRunner().invoke(app, ["recommend", "--input", str(requests), "--root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"{requests}:2: not UTF-8 text (byte b'\\xe9'" in result.output
+    assert "save the requests as UTF-8" in result.output
+    assert not isinstance(result.exception, UnicodeDecodeError)
+
+
