@@ -1,17 +1,21 @@
-"""Serving inputs checked before any model work: catalogue files with too many malformed
-lines, request files that are not UTF-8 (no trained model needed: the checks come first)."""
+"""Serving inputs checked before any model work (catalogue files with too many malformed
+lines, request files that are not UTF-8) and the ranking's answer when the history covers
+the catalogue; no trained model needed."""
 
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from rrec.config import Params, parse_params
+from rrec.data.schema import ITEMS
 from rrec.serve import recommend as recommend_module
-from rrec.serve.catalogue import add_items_from_file, add_or_replace_items
+from rrec.serve.catalogue import Catalogue, add_items_from_file, add_or_replace_items
 
 GOOD = json.dumps({"parent_asin": "NEW0000001", "title": "A New Game", "price": 19.99})
 MALFORMED = ['{"parent_asin": "NEW0000002", "title": "cut', "not json at all"]
@@ -69,3 +73,34 @@ def test_cli_recommend_input_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
     assert not isinstance(result.exception, UnicodeDecodeError)
 
 
+
+
+def _ranker(n_items: int, removed: list[str] = ()) -> types.SimpleNamespace:  # type: ignore[assignment]
+    """Just what `Recommender.rank` reads: a table, tau, the catalogue, the reasoning text."""
+    rows = [{**dict.fromkeys(ITEMS.names), "item_id": i, "parent_asin": f"P{i}",
+             "title": f"Item {i}", "n_interactions": 0} for i in range(n_items)]
+    catalogue = Catalogue(rows)
+    catalogue.remove(removed)
+    return types.SimpleNamespace(
+        table=torch.randn(n_items, 8, generator=torch.Generator().manual_seed(0)),
+        model=types.SimpleNamespace(tau=0.05), catalogue=catalogue,
+        _reasoning_text=lambda ids: ("", 0),
+    )
+
+
+def test_a_history_covering_the_catalogue_says_why_nothing_is_returned() -> None:
+    ranker = _ranker(3)
+    states = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    full, fine = recommend_module.Recommender.rank(ranker, states, [[], []], [[0, 1, 2, 1], [0]], [5, 2])
+    assert full.items == []
+    assert full.note == ("0 of the 5 items asked for: the history (3 distinct items) and the "
+                         "removed items (0) leave 0 of the catalogue's 3 items to recommend")
+    assert full.as_dict()["note"] == full.note
+    assert len(fine.items) == 2 and fine.note == "" and "note" not in fine.as_dict()
+
+
+def test_removed_items_are_named_in_the_note() -> None:
+    ranker = _ranker(4, removed=["P1", "P2"])
+    (rec,) = recommend_module.Recommender.rank(ranker, torch.randn(1, 8), [[]], [[0]], [3])
+    assert [i.item_id for i in rec.items] == [3]
+    assert "1 of the 3 items asked for" in rec.note and "removed items (2) leave 1" in rec.note

@@ -73,9 +73,14 @@ class Recommendation:
     reasoning: str
     items: list[RecommendedItem]
     reasoning_tokens: int = 0
+    # Why fewer than k items came back (the history and removed items cover the rest).
+    note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.note:
+            del out["note"]
+        return out
 
 
 @dataclass
@@ -418,7 +423,8 @@ class Recommender:
         progress: bool = False,
     ) -> list[Recommendation]:
         """Top-k recommendations for each history (k per history or one for all): k distinct
-        items, none in the history or removed (fewer only when fewer items are left). The
+        items, none in the history or removed (fewer only when fewer items are left, and then
+        `Recommendation.note` says so). The
         histories are processed in batches of `evaluate.batch_size`, greedily, with at most
         `evaluate.max_new_tokens` reasoning tokens."""
         if isinstance(histories, (str, bytes, Mapping)) or not isinstance(histories, Sequence):
@@ -484,7 +490,17 @@ class Recommender:
                 if math.isfinite(s)
             ][: ks[row]]
             text, n_tokens = self._reasoning_text(reasoning_ids[row])
-            out.append(Recommendation(reasoning=text, items=items, reasoning_tokens=n_tokens))
+            note = ""
+            if len(items) < ks[row]:
+                left = int(torch.isfinite(scores[row]).sum())
+                note = (
+                    f"{len(items)} of the {ks[row]} items asked for: the history "
+                    f"({len(set(histories[row]))} distinct items) and the removed items "
+                    f"({self.catalogue.n_removed}) leave {left} of the catalogue's "
+                    f"{scores.shape[1]} items to recommend"
+                )
+            out.append(Recommendation(reasoning=text, items=items, reasoning_tokens=n_tokens,
+                                      note=note))
         return out
 
     def _reasoning_text(self, ids: list[int]) -> tuple[str, int]:
