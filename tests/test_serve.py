@@ -222,11 +222,19 @@ def test_add_replace_remove_items(base: Recommender, trained, histories):
     meta = _raw_meta(paths, params, rec.catalogue.parent_asin(popular))
 
     # a new item whose text copies the top item: same row, so recommended at once, same score
-    update = add_or_replace_items(rec, [
+    batch = [
         json.dumps({**meta, "parent_asin": "NEW0000001"}),
         "{not json",
         json.dumps({"parent_asin": "NEW0000002", "title": "x", "price": 1.0}),
-    ])
+    ]
+    # 1 of 3 lines malformed is above data.window.max_malformed_share (0.05): nothing changes
+    with pytest.raises(ValueError, match=r"1 of 3 lines are malformed.*max_malformed_share"):
+        add_or_replace_items(rec, batch)
+    assert len(rec.catalogue) == rec.n_items == n
+    w = rec.params.data.window
+    rec.params = rec.params.model_copy(update={"data": rec.params.data.model_copy(
+        update={"window": w.model_copy(update={"max_malformed_share": 0.5})})})
+    update = add_or_replace_items(rec, batch)
     assert update.added == [n] and update.replaced == [] and update.lines == 3
     assert update.dropped["malformed"] == 1 and update.dropped["short_title"] == 1
     assert len(rec.catalogue) == rec.n_items == n + 1
