@@ -128,7 +128,7 @@ def main() -> None:
     if not rec.reasoning:
         raise SystemExit(f"method {args.method!r} was trained without reasoning; benchmark a recpo model")
     max_new = args.max_new_tokens or params.evaluate.max_new_tokens
-    users = load_user_prompts(paths, "test").head(args.queries)
+    users = load_user_prompts(paths, "test").sample_users(args.queries, 0)
     prompts = rec.model.user_prompt_ids(users.conversations)
     second_pass_s: list[float] = []
     pipelines = {"unified": unified(rec.model, max_new), "two-stage": two_stage(rec.model, max_new, second_pass_s)}

@@ -98,7 +98,7 @@ BUILD_OVERRIDES: dict[str, Any] = {
     "model.tiny.pretrain_steps": 20,
     # a cap only: 20 steps take seconds, and a budget that cut them short would make the
     # backbone (and so the completion lengths) depend on the machine's load
-    "model.tiny.pretrain_time_budget_s": 600.0,
+    "model.tiny.pretrain_warn_after_s": 600.0,
     "items.batch_size": 64,
     "items.chunk_size": 64,
 }

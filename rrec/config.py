@@ -126,10 +126,14 @@ class TinyBackboneParams(_Strict):
     intermediate_size: int = Field(256, ge=8)
     max_position: int = Field(2048, ge=64)
     pretrain_steps: int = Field(300, ge=0)
-    pretrain_time_budget_s: float = Field(150.0, gt=0)
+    # steps decide what is computed; past this many seconds the stage only warns
+    pretrain_warn_after_s: float = Field(150.0, gt=0)
     pretrain_batch_size: int = Field(8, ge=1)
     pretrain_seq_len: int = Field(256, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0)
+    # weight of the term that keeps the final states at `<answer>` spread out
+    # (rrec.model.pretrain.answer_state_mean); 0 turns it off
+    pretrain_answer_spread: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyBackboneParams:
@@ -198,6 +202,9 @@ class RecPOParams(_Strict):
     eps_low: float = Field(0.2, ge=0.0, lt=1.0)
     eps_high: float = Field(0.28, ge=0.0)
     item_topk: int = Field(1, ge=1)
+    # the item term's advantage in a group whose rewards all tie (0 = the plain GRPO
+    # zero: no item gradient; 1 = contrastive learning on that group's trajectory)
+    tie_item_advantage: float = Field(1.0, ge=0.0)
     ndcg_cutoff: int = Field(1000, ge=1)
     # a cap on RecPO's optimiser steps on top of train.max_steps: a RecPO step samples
     # group_size reasonings per user, so it costs many contrastive steps
@@ -217,7 +224,9 @@ class TrainParams(_Strict):
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(300, ge=1)
     eval_every: int = Field(50, ge=1)
-    eval_max_users: int | None = Field(128, ge=1)
+    # validation during training: every example of this many seeded random users
+    # (null: the whole valid split)
+    eval_max_users: int | None = Field(None, ge=1)
     patience: int = Field(3, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
@@ -245,6 +254,8 @@ class EvaluateParams(_Strict):
     ks: list[int] = [5, 10, 20]
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(24, ge=1)
+    # every example of this many seeded random users (params.seed), the same for every
+    # method; null: the whole split
     max_users: int | None = Field(None, ge=1)
 
     @field_validator("ks")
@@ -287,7 +298,8 @@ class BaselinesParams(_Strict):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(3, ge=1)
-    time_budget_s: float = Field(60.0, gt=0)
+    # epochs and patience decide what is computed; past this many seconds a model only warns
+    warn_after_s: float = Field(60.0, gt=0)
     # CPU intra-op threads while training (0 keeps torch's default); these models are
     # small, and two spinning threads on a busy 2-core machine run ~10x slower than one
     threads: int = Field(1, ge=0)

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from rrec.config import Params
 from rrec.metrics import evaluate_scorer, mask_history, pad_histories, target_ranks
+from rrec.model.backbone import read_titles
 from rrec.model.wrapper import RecModel, score
 from rrec.paths import Paths
 from rrec.train.rollout import HFEngine
@@ -43,8 +45,15 @@ class UserPrompts:
         return UserPrompts(*[[col[i] for i in idx] for col in (
             self.example_ids, self.user_ids, self.conversations, self.histories, self.targets)])
 
-    def head(self, n: int | None) -> UserPrompts:
-        return self if n is None or n >= len(self) else self.take(range(n))
+    def sample_users(self, n: int | None, seed: int) -> UserPrompts:
+        """Every example of `n` users drawn uniformly at random (seeded), in example
+        order; all of them when `n` is None or covers every user. The same seed gives
+        every method the same users, and no user is over-represented by time order."""
+        users = sorted(set(self.user_ids))
+        if n is None or n >= len(users):
+            return self
+        chosen = {users[i] for i in np.random.default_rng(seed).choice(len(users), size=n, replace=False)}
+        return self.take([i for i, u in enumerate(self.user_ids) if u in chosen])
 
 
 def load_user_prompts(paths: Paths, split: str) -> UserPrompts:
@@ -154,11 +163,7 @@ def reasoning_samples(
 
 
 def item_titles(paths: Paths) -> list[str]:
-    t = pq.read_table(paths.items_file, columns=["item_id", "title"]).to_pydict()
-    out = [""] * len(t["item_id"])
-    for i, title in zip(t["item_id"], t["title"], strict=True):
-        out[int(i)] = title
-    return out
+    return read_titles(paths.items_file)
 
 
 # --------------------------------------------------------------------- stage
@@ -199,7 +204,7 @@ def run_evaluate(params: Params, paths: Paths, method: str) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     titles = item_titles(paths)
     for split in ("valid", "test"):
-        users = load_user_prompts(paths, split).head(params.evaluate.max_users)
+        users = load_user_prompts(paths, split).sample_users(params.evaluate.max_users, params.seed)
         metrics, details = evaluate_policy(
             rec, table, users, reasoning=reasoning, ks=ks, max_new_tokens=params.evaluate.max_new_tokens,
             batch_size=params.evaluate.batch_size,

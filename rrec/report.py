@@ -25,7 +25,8 @@ def comparison_rows(params: Params, root: Path | None = None) -> list[dict[str, 
     rows = []
     for method in sorted(runs, key=lambda m: (rank.get(m, len(rank)), m)):
         run = runs[method]
-        row: dict[str, Any] = {"method": method, "run_id": run["run_id"]}
+        n = run["metrics"].get("test_n")
+        row: dict[str, Any] = {"method": method, "n": None if n is None else int(n), "run_id": run["run_id"]}
         for k in ks:
             for name in ("hit", "ndcg"):
                 row[f"{name}@{k}"] = run["metrics"].get(f"test_{name}_at_{k}")
@@ -38,10 +39,16 @@ def _fmt(v: Any) -> str:
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One table per number of test examples scored: only methods scored on the same
+    examples sit side by side (a sampled evaluation gets a table of its own)."""
     cols = [c for c in rows[0] if c != "run_id"] + ["run_id"] if rows else ["method"]
-    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    lines = [f"# {title}"]
+    for n in sorted({r.get("n") for r in rows}, key=lambda v: -1 if v is None else -v):
+        lines += ["", f"Scored on {_fmt(n)} test examples." if n is not None else "Number of test examples not recorded.", ""]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rows:
+            if r.get("n") == n:
+                lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -60,7 +60,7 @@ DEEPSPEED_CONFIG = ROOT / "configs" / "accelerate_deepspeed_zero2.yaml"
 PREPARE_OVERRIDES: dict[str, Any] = {
     "model.dtype": "float32",  # the CPU reference table
     "model.tiny.pretrain_steps": 40,
-    "model.tiny.pretrain_time_budget_s": 600.0,
+    "model.tiny.pretrain_warn_after_s": 600.0,
     "train.batch_size": 8,
     "train.micro_batch_size": 32,
     "train.warmup_steps": 1,

@@ -181,7 +181,7 @@ def drop_table(stats: dict[str, Any], inter_name: str, meta_name: str) -> str:
     out += [f"  {name:<{width}} {n:>12,} {n / max(total, 1):>7.1%}" for name, n, total in rows]
     wrong = {f: n for f, n in stats.get("wrong_type", {}).items() if n}
     if wrong:
-        out.append(f"  items kept with a field of the wrong type, read as missing: "
+        out.append("  items kept with a field of the wrong type, read as missing: "
                    + ", ".join(f"{f} {n:,}" for f, n in wrong.items()))
     out.append(
         f"  interaction lines lost to bad data ({', '.join(BAD_DATA_REASONS)}): "

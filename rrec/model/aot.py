@@ -127,11 +127,13 @@ class AOTDecoder:
         stop_ids: Sequence[int],
         answer_id: int,
         *,
+        banned: torch.Tensor | None = None,
         read_state: bool = True,
     ) -> GreedyResult:
         """Decode up to `max_new_tokens` greedily, stop at a stop id, then read the state at
         `<answer>` (unless not `read_state`: an empty state): the same tokens and state as
-        `HFEngine` for a batch of one."""
+        `HFEngine` for a batch of one. `banned` [vocab] marks ids set to -inf before the
+        choice (`RecModel.banned_in_reasoning`)."""
         if max_new_tokens < 1 or not self.fits(len(prompt), max_new_tokens):
             raise ValueError(
                 f"a prompt of {len(prompt)} tokens and {max_new_tokens} new tokens do not fit the "
@@ -145,8 +147,11 @@ class AOTDecoder:
             position = len(prompt)
             stopped = False
             for step in range(max_new_tokens):
-                token = int(logits[0].argmax())
-                logprobs.append(torch.log_softmax(logits[0].float(), dim=-1)[token])
+                row = logits[0].float()
+                if banned is not None:
+                    row = row.masked_fill(banned.to(row.device), float("-inf"))
+                token = int(row.argmax())
+                logprobs.append(torch.log_softmax(row, dim=-1)[token])
                 tokens.append(token)
                 if token in stops:
                     stopped = True

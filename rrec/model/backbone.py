@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from rrec.model.pretrain import pack, perplexity, pretrain
 from rrec.model.tokenizer import (
     ANSWER,
     CONTROL_TOKENS,
+    END_ANSWER,
     IM_END,
     control_token_id,
     train_tokenizer,
@@ -83,6 +85,17 @@ def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.
         )
         return torch.bfloat16 if on_gpu else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def read_titles(path: Path) -> list[str]:
+    """Item titles by item id, from the window stage's items file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; run the window stage first (`dvc repro window`)")
+    t = pq.read_table(path, columns=["item_id", "title"]).to_pydict()
+    titles = [""] * len(t["item_id"])
+    for i, title in zip(t["item_id"], t["title"], strict=True):
+        titles[int(i)] = title
+    return titles
 
 
 def read_prompt_messages(path: Path, split_hint: str) -> list[Messages]:
@@ -152,20 +165,70 @@ def split_heldout(n: int, share: float, seed: int) -> tuple[list[int], list[int]
     return sorted(perm[n_held:]), sorted(perm[:n_held])
 
 
+def plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Ids of data text; a special token's spelling inside it is encoded as plain text."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def reasoning_text(history_titles: Sequence[str]) -> str:
+    """The short reasoning the tiny backbone sees in pre-training: what the user bought last."""
+    return f"The user last bought {history_titles[-1]}." if history_titles else "The user has no history."
+
+
+def pretrain_documents(
+    tokenizer: PreTrainedTokenizerBase,
+    item_prompts: Sequence[Messages],
+    user_prompts: Sequence[Messages],
+    titles: Sequence[str],
+    histories: Sequence[Sequence[int]],
+    targets: Sequence[int],
+    seed: int,
+) -> list[list[int]]:
+    """Token ids of the tiny backbone's pre-training documents, in the answer format.
+
+    A real instruct backbone already knows that `<answer>` is followed by the answer;
+    the tiny one learns it here, from the train split only:
+    - item i: its prompt, `<answer>`, its title, `</answer>`, end of turn;
+    - train example (history, target): the user prompt, then (for a seeded half of the
+      examples) a short reasoning (`reasoning_text`), then `<answer>`, the target's
+      title, `</answer>`, end of turn. The other half answers at once, the form the
+      contrastive baseline reads.
+    The hidden state at `<answer>` must then predict the title that follows: item and
+    user states start in one space, and the assistant turn holds written text, so
+    sampled reasoning is text rather than a reopened chat turn.
+    """
+    answer, end_answer = control_token_id(tokenizer, ANSWER), control_token_id(tokenizer, END_ANSWER)
+    end_turn = control_token_id(tokenizer, IM_END)
+    title_ids = [plain_ids(tokenizer, t) for t in titles]
+
+    def answered(item: int) -> list[int]:
+        return [answer, *title_ids[item], end_answer, end_turn]
+
+    docs = [ids + answered(i) for i, ids in enumerate(chat_ids(tokenizer, item_prompts))]
+    rng = random.Random(seed)
+    for ids, history, target in zip(chat_ids(tokenizer, user_prompts), histories, targets, strict=True):
+        thought = plain_ids(tokenizer, reasoning_text([titles[h] for h in history])) if rng.random() < 0.5 else []
+        docs.append(ids + thought + answered(target))
+    return docs
+
+
 def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
     tiny = params.model.tiny
     seed_everything(params.seed)
     items = read_prompt_messages(paths.item_prompts_file, "item")
     users = read_prompt_messages(paths.user_prompts_file("train"), "train-split user")
+    train_split = pq.read_table(
+        paths.user_prompts_file("train"), columns=["history_item_ids", "target_item_id"]
+    ).to_pydict()
+    titles = read_titles(paths.items_file)
     tokenizer = train_tokenizer(items + users, tiny.vocab_size, tiny.max_position)
-    answer_id = control_token_id(tokenizer, ANSWER)
-
-    # item prompts end with the pre-filled <answer>; user prompts with the opened assistant turn
-    docs = [ids + [answer_id] for ids in chat_ids(tokenizer, items)] + chat_ids(tokenizer, users)
+    docs = pretrain_documents(
+        tokenizer, items, users, titles, train_split["history_item_ids"], train_split["target_item_id"], params.seed
+    )
     train_idx, held_idx = split_heldout(len(docs), HELDOUT_SHARE, params.seed)
     pad_id = int(tokenizer.pad_token_id)
     eos_id = int(tokenizer.eos_token_id)
-    unlearned = [answer_id, eos_id]  # see rrec/model/pretrain.py
+    unlearned = [eos_id]  # see rrec/model/pretrain.py
     train_blocks = pack(
         [docs[i] for i in train_idx], tiny.pretrain_seq_len, eos_id, pad_id, unlearned
     )
@@ -180,10 +243,12 @@ def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
         model,
         train_blocks,
         steps=tiny.pretrain_steps,
-        time_budget_s=tiny.pretrain_time_budget_s,
+        warn_after_s=tiny.pretrain_warn_after_s,
         batch_size=tiny.pretrain_batch_size,
         lr=tiny.pretrain_lr,
         seed=params.seed,
+        answer_id=control_token_id(tokenizer, ANSWER),
+        answer_spread=tiny.pretrain_answer_spread,
     )
     ppl_after = perplexity(model, held_blocks, eval_bs, desc="held-out perplexity (after)")
 

@@ -3,17 +3,15 @@
 Documents are token-id lists; they are packed end to end (each followed by the eos
 token) into blocks of `seq_len` tokens, the usual recipe for short LM pre-training.
 A label of -100 is ignored by the loss. It marks the padding of the last block and
-the tokens the caller says are not the model's to write: the builder passes the
-pre-filled `<answer>` of item prompts and the eos separators. Every document ends
-with an opened assistant turn, so learning either would teach "assistant header ->
-<answer>" or "assistant header -> end of text", and generation would stop before any
-reasoning is written.
+the tokens the caller says are not the model's to write (the eos separators between
+documents, which carry no meaning of their own).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -72,17 +70,36 @@ def pack(
     return Blocks(ids.view(n_blocks, seq_len), labels.view(n_blocks, seq_len))
 
 
-def _token_nll(
-    model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """Summed next-token negative log-likelihood over the labelled positions."""
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
+def _nll_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden[:, :-1]).float()
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         labels[:, 1:].reshape(-1),
         ignore_index=IGNORE,
         reduction="sum",
     )
+
+
+def _token_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Summed next-token negative log-likelihood over the labelled positions."""
+    return _nll_from_hidden(model, model.get_decoder()(input_ids=input_ids).last_hidden_state, labels)
+
+
+def answer_state_mean(hidden: torch.Tensor, input_ids: torch.Tensor, answer_id: int) -> torch.Tensor:
+    """Squared norm of the mean unit-length final state at the `<answer>` tokens of a
+    batch: 1 when every such state points the same way, near 0 when they spread out.
+
+    A causal LM's final states share a large common direction (it carries the unigram
+    prior of the output head), so the states the recommendation head reads start almost
+    parallel: cosine scores over tau = 0.02 are then all alike, and in-batch contrastive
+    training collapses instead of learning. Adding this term to the pre-training loss
+    keeps the `<answer>` states spread (it uses no user or target, only where `<answer>` is)."""
+    states = hidden[input_ids == answer_id]
+    if states.shape[0] < 2:
+        return hidden.sum() * 0.0
+    return F.normalize(states.float(), dim=-1).mean(dim=0).pow(2).sum()
 
 
 @torch.no_grad()
@@ -117,9 +134,10 @@ def _lr_factor(step: int, steps: int) -> float:
 class PretrainResult:
     steps_done: int
     steps_planned: int
-    stopped_by: str  # "steps" or "time"
+    over_time: bool  # passed warn_after_s (a warning, never a cut)
     seconds: float
     final_train_loss: float | None
+    final_answer_state_mean: float | None = None
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         return asdict(self)
@@ -130,15 +148,19 @@ def pretrain(
     blocks: Blocks,
     *,
     steps: int,
-    time_budget_s: float,
+    warn_after_s: float,
     batch_size: int,
     lr: float,
     seed: int,
     max_grad_norm: float = 1.0,
+    answer_id: int | None = None,
+    answer_spread: float = 0.0,
 ) -> PretrainResult:
-    """Train `model` as a causal LM on `blocks` for `steps` steps or `time_budget_s`
-    seconds, whichever ends first. Batches are drawn from seeded epoch permutations,
-    so on one device the run is deterministic up to where it stops."""
+    """Train `model` as a causal LM on `blocks` for exactly `steps` steps. Batches are
+    drawn from seeded epoch permutations, so on one device the run is deterministic.
+    Past `warn_after_s` seconds a warning is printed once; the run still does every step
+    (the same params must give the same backbone however busy the machine is).
+    With `answer_spread` > 0 the loss adds `answer_spread * answer_state_mean(...)`."""
     if len(blocks) == 0:
         raise ValueError("no training blocks")
     device = next(model.parameters()).device
@@ -147,14 +169,17 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
     model.train()
     order = torch.randperm(len(blocks), generator=generator)
-    cursor, last_loss, done = 0, None, 0
-    stopped_by = "steps"
+    cursor, last_loss, last_spread, done = 0, None, None, 0
+    warned = False
     start = time.monotonic()
     with tqdm(total=steps, desc="pretrain", unit="step") as bar:
         while done < steps:
-            if time.monotonic() - start >= time_budget_s:
-                stopped_by = "time"
-                break
+            if not warned and time.monotonic() - start >= warn_after_s:
+                warned = True
+                warnings.warn(
+                    f"pre-training passed {warn_after_s:g} s (model.tiny.pretrain_warn_after_s) at step "
+                    f"{done} of {steps}; it goes on to the last step", stacklevel=2,
+                )
             if cursor + batch_size > len(order):
                 order = torch.cat(
                     [order[cursor:], torch.randperm(len(blocks), generator=generator)]
@@ -165,7 +190,12 @@ def pretrain(
             ids = blocks.input_ids[idx].to(device)
             labels = blocks.labels[idx].to(device)
             n = (labels[:, 1:] != IGNORE).sum().clamp(min=1)
-            loss = _token_nll(model, ids, labels) / n
+            hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+            loss = _nll_from_hidden(model, hidden, labels) / n
+            if answer_spread > 0 and answer_id is not None:
+                spread = answer_state_mean(hidden, ids, answer_id)
+                loss = loss + answer_spread * spread
+                last_spread = spread.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -179,7 +209,8 @@ def pretrain(
     return PretrainResult(
         steps_done=done,
         steps_planned=steps,
-        stopped_by=stopped_by,
+        over_time=warned,
         seconds=round(time.monotonic() - start, 2),
         final_train_loss=last_loss,
+        final_answer_state_mean=last_spread,
     )

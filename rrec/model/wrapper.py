@@ -149,6 +149,7 @@ class RecModel(nn.Module):
                 "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
             )
         self.pad_token_id = int(pad)
+        self._banned_in_reasoning: torch.Tensor | None = None
         # greedy requests on their own go through `aot_decoder` (model.aot_single_requests)
         self.aot_single_requests = aot_single_requests
         self._aot: AOTDecoder | None = None
@@ -191,6 +192,27 @@ class RecModel(nn.Module):
             if self._aot is None or self._aot.max_cache_len < needed:
                 self._aot = AOTDecoder(self.lm, needed)
             return self._aot
+
+    def banned_in_reasoning(self) -> torch.Tensor:
+        """Boolean [vocab] mask of the ids reasoning may never contain: every special or
+        added token of the tokenizer (chat-template tokens, end of text, `</answer>`, ...)
+        and the output head's rows beyond the tokenizer, all but `<answer>`, which ends
+        the reasoning. Sampling and greedy decoding set their logits to -inf, as a chat
+        model's turn is text; the update masks the same ids, so the ratios stay exact."""
+        if self._banned_in_reasoning is None:
+            rows = int(self.lm.get_output_embeddings().weight.shape[0])
+            banned = torch.zeros(rows, dtype=torch.bool)
+            tok = self.tokenizer
+            ids = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
+            banned[[i for i in ids if 0 <= i < rows]] = True
+            banned[len(tok) :] = True
+            banned[self.answer_token_id] = False
+            self._banned_in_reasoning = banned
+        return self._banned_in_reasoning.to(self.device)
+
+    def reasoning_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [..., vocab] with the ids of `banned_in_reasoning` at -inf (float32)."""
+        return logits.float().masked_fill(self.banned_in_reasoning(), float("-inf"))
 
     @property
     def hidden_size(self) -> int:

@@ -148,6 +148,23 @@ def group_advantages(r: torch.Tensor, group_size: int, kind: AdvantageKind = "gr
     return adv.reshape(-1)
 
 
+def tied_group_fallback(adv: torch.Tensor, r: torch.Tensor, group_size: int, value: float) -> torch.Tensor:
+    """Advantages for the item term: a group whose rewards all tie gets `value` instead
+    of zeros.
+
+    A tie (empty or identical reasoning, or G = 1) tells nothing about which reasoning is
+    better, so the token term rightly gets no signal; but the item term would get none
+    either, and the recommendation head would stop learning exactly when reasoning adds
+    nothing. With `value` = 1 a tied group's selected trajectory is trained like the
+    contrastive baseline (the clipped surrogate with A = 1), so RecPO with empty reasoning
+    falls back to contrastive learning instead of standing still."""
+    if group_size < 1 or r.shape[0] % group_size:
+        raise ValueError(f"{r.shape[0]} rewards cannot be split into groups of {group_size}")
+    grouped = r.view(-1, group_size)
+    tied = (grouped == grouped[:, :1]).all(dim=1).repeat_interleave(group_size)
+    return torch.where(tied, torch.full_like(adv, value), adv)
+
+
 # ----------------------------------------------------------------- clipped surrogate
 
 
@@ -269,6 +286,22 @@ def inbatch_logprob(
         raise ValueError(f"target_index must lie in [0, {m}) (the rows of target_states)")
     logits = _cosine_scores(user_states, target_states, tau)
     return logits.log_softmax(dim=-1).gather(1, target_index.view(-1, 1)).squeeze(1)
+
+
+@torch.no_grad()
+def inbatch_reward(
+    user_states: torch.Tensor, target_states: torch.Tensor, target_index: torch.Tensor, tau: float, beta: float
+) -> torch.Tensor:
+    """The reward's formula over the batch's target items instead of the catalogue:
+    (1-beta)/log2(rank+1) + beta*softmax probability, float32 [N].
+
+    Every term is scored with item states the current policy has just encoded, so unlike
+    the full-catalogue reward (scored against a table refreshed a few rows at a time) it
+    is comparable from one step to the next: the training curve to watch."""
+    logits = _cosine_scores(user_states, target_states, tau)
+    ranks = target_ranks(logits, target_index)
+    prob = logits.softmax(dim=-1).gather(1, target_index.view(-1, 1)).squeeze(1)
+    return (1.0 - beta) * ndcg_from_ranks(ranks, logits.shape[1]).float() + beta * prob
 
 
 def select_topk(advantages: torch.Tensor, group_index: torch.Tensor, k: int = 1) -> torch.Tensor:

@@ -12,12 +12,14 @@ One contract, two engines:
   over the finished sequence. The policy's weights are pushed to vLLM after every
   update (`sync_weights`).
 
-A trajectory is `prompt + reasoning + <answer>`. Generation stops at `<answer>` (or
-at the end-of-turn / end-of-text token, or after `max_new_tokens`). When the policy
+A trajectory is `prompt + reasoning + <answer>`. Reasoning is text: every special
+token but `<answer>` (chat-template tokens, end of turn, end of text) is masked out
+of sampling and greedy decoding (`RecModel.banned_in_reasoning`). Generation stops at
+`<answer>` or after `max_new_tokens`. When the policy
 itself sampled `<answer>`, that token is part of the trajectory and its log-prob is
 trained (the policy learns when to stop thinking); otherwise `<answer>` is appended
 and not trained. Log-probs are those of the sampling distribution before top-k
-truncation, `log_softmax(logits / temperature)`, the same quantity the update
+truncation, `log_softmax(masked logits / temperature)`, the same quantity the update
 recomputes, so the importance ratio starts at 1.
 """
 
@@ -69,7 +71,9 @@ class RolloutEngine(Protocol):
 
 def _stop_ids(model: RecModel) -> list[int]:
     """`<answer>` plus whatever ends a turn for this backbone (its generation config's
-    eos ids, e.g. `<|im_end|>`/`<end_of_turn>`, and the tokenizer's eos)."""
+    eos ids, e.g. `<|im_end|>`/`<end_of_turn>`, and the tokenizer's eos). Reasoning
+    masks every special token but `<answer>` (`RecModel.banned_in_reasoning`), so in
+    practice it ends at `<answer>` or at `max_new_tokens`; the others stay as a guard."""
     ids = {model.answer_token_id}
     eos = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
     for tok in [*(eos if isinstance(eos, (list, tuple)) else [eos]), model.tokenizer.eos_token_id]:
@@ -118,7 +122,7 @@ class HFEngine:
             if aot.fits(len(prompts[0]), self.max_new_tokens):
                 r = aot.greedy(
                     prompts[0], self.max_new_tokens, _stop_ids(model), model.answer_token_id,
-                    read_state=self.read_states,
+                    banned=model.banned_in_reasoning(), read_state=self.read_states,
                 )  # fmt: skip
                 return Rollout([], [r.reasoning_ids], [r.sampled_answer], [r.logprobs], r.user_state.unsqueeze(0))
         lm = model.lm
@@ -162,7 +166,7 @@ class HFEngine:
                 hidden = decoder(
                     input_ids=feed, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True
                 ).last_hidden_state[:, -1]
-            logits = head(hidden).float() / temperature
+            logits = model.reasoning_logits(head(hidden)) / temperature
             token = logits.argmax(dim=-1) if greedy else self._sample(logits)
             logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1))
             token = torch.where(done, torch.full_like(token, model.pad_token_id), token)
@@ -281,6 +285,7 @@ class VLLMEngine:
             max_tokens=self.max_new_tokens,
             stop_token_ids=_stop_ids(model),
             logprobs=0,
+            allowed_token_ids=(~model.banned_in_reasoning()).nonzero().flatten().tolist(),
         )
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp)
         prompt_ids, reasoning, sampled, old_lp = [], [], [], []

@@ -106,7 +106,8 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
 
     rec = new_policy(params, paths, device=accelerator.device)
     train_users = load_user_prompts(paths, "train")
-    valid_users = load_user_prompts(paths, "valid").head(tp.eval_max_users)
+    # the same seeded users for every method and every evaluation (all by default)
+    valid_users = load_user_prompts(paths, "valid").sample_users(tp.eval_max_users, params.seed)
     titles = item_titles(paths)
     item_ids = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
     reasoning = method == "recpo"

@@ -24,9 +24,11 @@ from rrec.train.objectives import (
     dedupe_targets,
     group_advantages,
     inbatch_logprob,
+    inbatch_reward,
     item_loss,
     rewards,
     select_topk,
+    tied_group_fallback,
     token_loss,
 )
 from rrec.train.rollout import RolloutEngine
@@ -111,9 +113,13 @@ class ContrastiveStep:
         users, item_states = states[: len(local)], gather_with_grad(states[len(local) :], ctx.world)[: len(items)]
         target_index = torch.tensor([column[ctx.targets[i]] for i in local], device=users.device)
         loss = contrastive_loss(users, item_states, target_index, ctx.params.model.tau)
+        r_inbatch = inbatch_reward(users.detach(), item_states.detach(), target_index, ctx.params.model.tau, ctx.params.train.recpo.beta)
         ctx.accelerator.backward(loss)
         grad_norm = ctx.optimiser_step()
-        return {"loss": ctx.mean(loss), "grad_norm": grad_norm, "lr": ctx.scheduler.get_last_lr()[0]}
+        return {
+            "loss": ctx.mean(loss), "inbatch_reward": ctx.mean(r_inbatch.mean()), "grad_norm": grad_norm,
+            "lr": ctx.scheduler.get_last_lr()[0],
+        }
 
 
 class RecPOStep:
@@ -153,6 +159,7 @@ class RecPOStep:
         target_index = torch.tensor([column[int(t)] for t in targets], device=device)
         old_items = ctx.encode_items_no_grad(items, mine).to(device)
         old_item_lp = inbatch_logprob(roll.user_states.to(device), old_items, target_index, p.model.tau)
+        r_inbatch = inbatch_reward(roll.user_states.to(device), old_items, target_index, p.model.tau, tp.beta)
 
         # 4a. token term over every trajectory, in micro-batches (global token mean)
         seqs = roll.sequences(policy.answer_token_id)
@@ -174,14 +181,16 @@ class RecPOStep:
             clip_lo += float(stats["clip_low"]) * weight
             ratio_sum += float(stats["ratio_mean"]) * weight
 
-        # 4b. item term on the top-advantage trajectory of each group
-        sel = select_topk(adv, group_index, tp.item_topk).nonzero().flatten().tolist()
+        # 4b. item term on the top-advantage trajectory of each group (tied groups: see
+        # tied_group_fallback)
+        item_adv = tied_group_fallback(adv, r, g, tp.tie_item_advantage)
+        sel = select_topk(item_adv, group_index, tp.item_topk).nonzero().flatten().tolist()
         sel_seqs = [seqs[i] for i in sel] + [ctx.item_prompt_ids[i] for i in mine]
         ids, mask = policy.pad(sel_seqs)
         states = ctx.model(ids, mask)
         users, item_states = states[: len(sel)], gather_with_grad(states[len(sel) :], ctx.world)[: len(items)]
         i_loss, i_stats = item_loss(
-            users, item_states, target_index[sel], group_index[sel], adv[sel], old_item_lp[sel],
+            users, item_states, target_index[sel], group_index[sel], item_adv[sel], old_item_lp[sel],
             p.model.tau, tp.eps_low, tp.eps_high, topk=tp.item_topk,
         )
         ctx.accelerator.backward(i_loss)
@@ -197,6 +206,7 @@ class RecPOStep:
             "reward": ctx.mean(r.mean()),
             "reward_d": ctx.mean(r_d.mean()),
             "reward_c": ctx.mean(r_c.mean()),
+            "inbatch_reward": ctx.mean(r_inbatch.mean()),
             "adv_mean": ctx.mean(adv.mean()),
             "adv_std": ctx.mean(adv.std()) if n > 1 else 0.0,
             "adv_abs_mean": ctx.mean(adv.abs().mean()),
@@ -229,7 +239,8 @@ class RecPOStep:
         k = max(n_trained)
         span = k + max(tail)
         out = ctx.model(ids, attn, output="lm", logits_to_keep=span + 1)
-        logits = out.logits[:, :-1].float() / temperature  # column c predicts token c+1
+        # column c predicts token c+1; the same special-token mask as the rollout's
+        logits = ctx.policy.reasoning_logits(out.logits[:, :-1]) / temperature
         next_tokens = ids[:, -span:]
         logp = torch.log_softmax(logits, dim=-1).gather(2, next_tokens.unsqueeze(2)).squeeze(2)
         new = torch.zeros(len(rows), k, device=device)
