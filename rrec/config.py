@@ -131,9 +131,13 @@ class TinyBackboneParams(_Strict):
     pretrain_batch_size: int = Field(8, ge=1)
     pretrain_seq_len: int = Field(256, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0)
+    # pre-train on documents in the answer format (rrec.model.backbone.pretrain_documents:
+    # `<answer>` followed by the item's or the next item's title, a short reasoning on half
+    # of the user documents); false: on the prompts alone
+    pretrain_answers: bool = False
     # weight of the term that keeps the final states at `<answer>` spread out
     # (rrec.model.pretrain.answer_state_mean); 0 turns it off
-    pretrain_answer_spread: float = Field(1.0, ge=0)
+    pretrain_answer_spread: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyBackboneParams:

@@ -222,13 +222,21 @@ def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
     ).to_pydict()
     titles = read_titles(paths.items_file)
     tokenizer = train_tokenizer(items + users, tiny.vocab_size, tiny.max_position)
-    docs = pretrain_documents(
-        tokenizer, items, users, titles, train_split["history_item_ids"], train_split["target_item_id"], params.seed
-    )
+    answer_id = control_token_id(tokenizer, ANSWER)
+    if tiny.pretrain_answers:
+        docs = pretrain_documents(
+            tokenizer, items, users, titles, train_split["history_item_ids"], train_split["target_item_id"],
+            params.seed,
+        )  # fmt: skip
+        unlearned = [int(tokenizer.eos_token_id)]
+    else:
+        # prompts only: item prompts end with the pre-filled <answer>, user prompts with
+        # the opened assistant turn; neither <answer> nor the separators are learned
+        docs = [ids + [answer_id] for ids in chat_ids(tokenizer, items)] + chat_ids(tokenizer, users)
+        unlearned = [answer_id, int(tokenizer.eos_token_id)]
     train_idx, held_idx = split_heldout(len(docs), HELDOUT_SHARE, params.seed)
     pad_id = int(tokenizer.pad_token_id)
     eos_id = int(tokenizer.eos_token_id)
-    unlearned = [eos_id]  # see rrec/model/pretrain.py
     train_blocks = pack(
         [docs[i] for i in train_idx], tiny.pretrain_seq_len, eos_id, pad_id, unlearned
     )
@@ -247,7 +255,7 @@ def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
         batch_size=tiny.pretrain_batch_size,
         lr=tiny.pretrain_lr,
         seed=params.seed,
-        answer_id=control_token_id(tokenizer, ANSWER),
+        answer_id=answer_id,
         answer_spread=tiny.pretrain_answer_spread,
     )
     ppl_after = perplexity(model, held_blocks, eval_bs, desc="held-out perplexity (after)")
