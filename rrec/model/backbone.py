@@ -217,13 +217,13 @@ def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
     seed_everything(params.seed)
     items = read_prompt_messages(paths.item_prompts_file, "item")
     users = read_prompt_messages(paths.user_prompts_file("train"), "train-split user")
-    train_split = pq.read_table(
-        paths.user_prompts_file("train"), columns=["history_item_ids", "target_item_id"]
-    ).to_pydict()
-    titles = read_titles(paths.items_file)
     tokenizer = train_tokenizer(items + users, tiny.vocab_size, tiny.max_position)
     answer_id = control_token_id(tokenizer, ANSWER)
     if tiny.pretrain_answers:
+        train_split = pq.read_table(
+            paths.user_prompts_file("train"), columns=["history_item_ids", "target_item_id"]
+        ).to_pydict()
+        titles = read_titles(paths.items_file)
         docs = pretrain_documents(
             tokenizer, items, users, titles, train_split["history_item_ids"], train_split["target_item_id"],
             params.seed,
