@@ -135,6 +135,8 @@ class TinyBackboneParams(_Strict):
     # `<answer>` followed by the item's or the next item's title, a short reasoning on half
     # of the user documents); false: on the prompts alone
     pretrain_answers: bool = False
+    # (without the answer format) every prompt document ends with a learned `<answer>`
+    pretrain_learn_answer: bool = False
     # weight of the term that keeps the final states at `<answer>` spread out
     # (rrec.model.pretrain.answer_state_mean); 0 turns it off
     pretrain_answer_spread: float = Field(0.0, ge=0)
@@ -209,6 +211,9 @@ class RecPOParams(_Strict):
     # the item term's advantage in a group whose rewards all tie (0 = the plain GRPO
     # zero: no item gradient; 1 = contrastive learning on that group's trajectory)
     tie_item_advantage: float = Field(1.0, ge=0.0)
+    # where the policy starts: the backbone, or the trained contrastive model (models/
+    # trained/contrastive, its weights and item table), as RL starts from a supervised model
+    init: Literal["backbone", "contrastive"] = "backbone"
     ndcg_cutoff: int = Field(1000, ge=1)
     # a cap on RecPO's optimiser steps on top of train.max_steps: a RecPO step samples
     # group_size reasonings per user, so it costs many contrastive steps
@@ -216,7 +221,8 @@ class RecPOParams(_Strict):
 
 
 class TrainParams(_Strict):
-    # the methods `dvc repro` trains and evaluates, one `train@<method>` stage each;
+    # the methods `dvc repro` evaluates (one `evaluate@<method>` stage each; dvc.yaml
+    # trains both, recpo after contrastive since it may start from it);
     # "contrastive" is the paper's "w/o reasoning" row
     methods: list[Literal["recpo", "contrastive"]] = ["contrastive", "recpo"]
     seed: int = 0

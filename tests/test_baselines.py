@@ -271,7 +271,7 @@ def test_time_never_changes_a_baseline_only_warns(tmp_path: Path):
     b = train_baseline("gru4rec", fast, paths, progress=False)
     b_state = torch.load(b.checkpoint, weights_only=False)
     assert len(a.epochs) == len(b.epochs) == 2
-    assert a.test == b.test and a.valid == b.valid
+    assert a.test == b.test and a.best_valid == b.best_valid
     for key, tensor in a_state["state_dict"].items():
         assert torch.equal(tensor, b_state["state_dict"][key]), key
 

@@ -35,7 +35,7 @@ def test_logprobs_match_a_full_forward_at_temperature():
         ids = torch.tensor([seq])
         with torch.no_grad():
             logits = model.lm(input_ids=ids).logits[0].float()
-        lp = torch.log_softmax(logits / t, dim=-1)
+        lp = torch.log_softmax(model.reasoning_logits(logits) / t, dim=-1)
         expected = lp[p - 1 : p - 1 + k].gather(1, ids[0, p : p + k].unsqueeze(1)).squeeze(1)
         torch.testing.assert_close(roll.old_logprobs[row], expected, atol=1e-4, rtol=1e-4)
 
@@ -56,10 +56,14 @@ def test_rows_stopping_early_and_left_padding():
     assert min(roll.lengths) < 8
 
 
-def _answer_likely(model):
+def _answer_likely(model, logit: float = 14.0):
+    """Point `<answer>`'s output row along the mean final state of some prompts, so that
+    its logit is about `logit` (the model itself has not learned to stop)."""
+    ids, mask = model.pad(_prompts(model, 4))
     with torch.no_grad():
-        model.lm.lm_head.weight[model.answer_token_id] *= 0
-        model.lm.lm_head.weight[model.answer_token_id] += model.lm.lm_head.weight.mean(0)
+        hidden = model.lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        mean = hidden[mask.bool()].mean(0)
+        model.lm.lm_head.weight[model.answer_token_id] = logit * mean / mean.pow(2).sum()
 
 
 def test_single_requests_stopping_early_or_at_the_cap():
@@ -67,7 +71,7 @@ def test_single_requests_stopping_early_or_at_the_cap():
     # `<answer>` step feeds one token after an early stop and two after the cap
     torch.manual_seed(3)
     model = tiny_recmodel()
-    _answer_likely(model)
+    _answer_likely(model, 9.0)
     engine = HFEngine(temperature=3.0, top_k=0, max_new_tokens=6, batch_size=1)
     roll = engine.generate(model, _prompts(model, 4), group_size=4)
     for row, seq in enumerate(roll.sequences(model.answer_token_id)):
@@ -75,6 +79,26 @@ def test_single_requests_stopping_early_or_at_the_cap():
             full = model.encode([seq])[0]
         torch.testing.assert_close(roll.user_states[row], full.float(), atol=1e-4, rtol=1e-4)
     assert 6 in roll.lengths and min(roll.lengths) < 5
+
+
+def test_reasoning_never_holds_special_tokens_but_answer():
+    """Chat-template tokens, end of text and `</answer>` are masked out of sampling and
+    greedy decoding, even when they are the model's favourites; `<answer>` ends it."""
+    torch.manual_seed(4)
+    model = tiny_recmodel()
+    banned = model.banned_in_reasoning()
+    special = [i for i in model.tokenizer.all_special_ids if i != model.answer_token_id]
+    assert special and banned[special].all() and not banned[model.answer_token_id]
+    with torch.no_grad():  # make every special token the most likely next token
+        for i in special:
+            model.lm.lm_head.weight[i] = 5 * model.lm.lm_head.weight.mean(0)
+    for greedy in (False, True):
+        roll = HFEngine(temperature=1.5, top_k=0, max_new_tokens=8).generate(
+            model, _prompts(model, 3), group_size=2, greedy=greedy
+        )
+        for ids, sampled in zip(roll.reasoning_ids, roll.sampled_answer, strict=True):
+            body = ids[:-1] if sampled else ids
+            assert not any(banned[t] for t in body) and model.answer_token_id not in body
 
 
 def test_greedy_is_deterministic_and_vllm_needs_extra():

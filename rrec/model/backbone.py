@@ -229,6 +229,12 @@ def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
             params.seed,
         )  # fmt: skip
         unlearned = [int(tokenizer.eos_token_id)]
+    elif tiny.pretrain_learn_answer:
+        # prompts, each answered by `<answer>` right after the opened assistant turn (the
+        # pre-filled one of item prompts): the model learns to end its turn with
+        # `<answer>`, so greedy reasoning is empty until RecPO finds reasoning that helps
+        docs = [ids + [answer_id] for ids in chat_ids(tokenizer, items + users)]
+        unlearned = [int(tokenizer.eos_token_id)]
     else:
         # prompts only: item prompts end with the pre-filled <answer>, user prompts with
         # the opened assistant turn; neither <answer> nor the separators are learned

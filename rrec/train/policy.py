@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from rrec.config import Params
 from rrec.items import load_item_table
@@ -36,6 +37,27 @@ def new_policy(params: Params, paths: Paths, device: torch.device | str | None =
         lm.enable_input_require_grads()
     lm.train()
     return RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
+
+
+def start_from_trained(rec: RecModel, trained: Path) -> None:
+    """Load another method's trained weights into a fresh policy (`new_policy`) in place:
+    RecPO starting from the contrastive model, as RL usually starts from a supervised
+    model. LoRA adapters load into the fresh adapter; full weights into the model."""
+    adapter = trained / ADAPTER_DIR
+    if (adapter / "adapter_model.safetensors").exists():
+        if not isinstance(rec.lm, PeftModel):
+            raise ValueError(f"{adapter} is a LoRA adapter but model.lora.enabled is false; train both methods alike")
+        set_peft_model_state_dict(rec.lm, load_file(str(adapter / "adapter_model.safetensors")))
+        return
+    if not (adapter / "model.safetensors").exists():
+        raise FileNotFoundError(f"{adapter}: no trained weights; run `dvc repro train@contrastive` first")
+    if isinstance(rec.lm, PeftModel):
+        raise ValueError(f"{adapter} holds full weights but model.lora.enabled is true; train both methods alike")
+    result = rec.lm.load_state_dict(load_file(str(adapter / "model.safetensors")), strict=False)
+    tied = set(getattr(rec.lm, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{adapter}: weights do not fit the backbone (missing {missing}, unexpected {result.unexpected_keys})")
 
 
 def policy_from_adapter(

@@ -27,7 +27,14 @@ from rrec.items import encode_items, load_item_table, read_item_prompts, save_it
 from rrec.model.lora import save_adapter
 from rrec.paths import Paths
 from rrec.train.loop import Checkpoints, LoopConfig, Progress, fingerprint, run_loop
-from rrec.train.policy import ADAPTER_DIR, TABLE_DIR, TOKENIZER_DIR, TRAIN_SUMMARY, new_policy
+from rrec.train.policy import (
+    ADAPTER_DIR,
+    TABLE_DIR,
+    TOKENIZER_DIR,
+    TRAIN_SUMMARY,
+    new_policy,
+    start_from_trained,
+)
 from rrec.train.rollout import make_engine
 from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
 
@@ -105,6 +112,9 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
     set_seed(tp.seed)
 
     rec = new_policy(params, paths, device=accelerator.device)
+    start = paths.trained("contrastive") if method == "recpo" and tp.recpo.init == "contrastive" else None
+    if start is not None:
+        start_from_trained(rec, start)
     train_users = load_user_prompts(paths, "train")
     # the same seeded users for every method and every evaluation (all by default)
     valid_users = load_user_prompts(paths, "valid").sample_users(tp.eval_max_users, params.seed)
@@ -119,7 +129,7 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
     accelerator.register_for_checkpointing(scheduler)
     table_ref: dict[str, torch.Tensor] = {}
     if reasoning:
-        table_ref["train"] = load_item_table(paths.item_table)
+        table_ref["train"] = load_item_table(start / TABLE_DIR if start is not None else paths.item_table)
         # the training table changes every step (refreshed rows): it is part of the checkpoint
         accelerator.register_for_checkpointing(_TensorState(table_ref["train"]))
 
