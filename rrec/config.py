@@ -213,11 +213,11 @@ class RecPOParams(_Strict):
     tie_item_advantage: float = Field(1.0, ge=0.0)
     # where the policy starts: the backbone, or the trained contrastive model (models/
     # trained/contrastive, its weights and item table), as RL starts from a supervised model
-    init: Literal["backbone", "contrastive"] = "backbone"
+    init: Literal["backbone", "contrastive"] = "contrastive"
     ndcg_cutoff: int = Field(1000, ge=1)
     # a cap on RecPO's optimiser steps on top of train.max_steps: a RecPO step samples
     # group_size reasonings per user, so it costs many contrastive steps
-    max_steps: int | None = Field(60, ge=1)
+    max_steps: int | None = Field(100, ge=1)
 
 
 class TrainParams(_Strict):

@@ -185,7 +185,7 @@ def _write_reports(out: Path, report: dict[str, Any], ks: Sequence[int]) -> None
     tmp_csv.replace(out / "metrics_by_k.csv")
 
 
-def run_evaluate(params: Params, paths: Paths, method: str) -> dict[str, Any]:
+def run_evaluate(params: Params, paths: Paths, method: str, *, register: bool = True) -> dict[str, Any]:
     """The `evaluate` stage: the trained policy on valid and test, beside popularity and
     random; metrics JSON + per-K CSV for DVC, and the policy's metrics in its MLflow
     training run (the reference rows get MLflow runs of their own in the baselines stage)."""
@@ -229,7 +229,8 @@ def run_evaluate(params: Params, paths: Paths, method: str) -> dict[str, Any]:
                 tracking.log_metrics(m, prefix=f"{split}_")
             mlflow.log_table({k: [s[k] for s in samples] for k in samples[0]} if samples else {}, "test_reasoning_samples.json")
             mlflow.log_artifact(str(out / "metrics.json"))
-        report["registered"] = _register(params, paths, method, run_id)
+        if register:
+            report["registered"] = _register(params, paths, method, run_id)
     return report
 
 

@@ -1,0 +1,160 @@
+"""Learning curves of one method on the current project, for diagnosis: trains with
+params.yaml plus overrides and prints, every `every` steps, valid NDCG@10 and Hit@10 on
+the whole valid split, the mean reasoning length, and how spread the item and user
+states are (mean 1 - cosine over all pairs; near 0 means the states have collapsed
+onto one direction). Nothing is written to the project.
+
+    python benchmarks/learning_curves.py contrastive '{"steps": 300, "every": 50}'
+    python benchmarks/learning_curves.py recpo '{"steps": 150, "every": 50, "init": "models/trained/contrastive"}'
+    ROOT=/path/to/other/project python benchmarks/learning_curves.py contrastive '{"model.tau": 0.05}'
+
+Keys other than steps, every and init are dotted params overrides; init starts from a
+train stage's output (its weights), as train.recpo.init does.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from transformers import get_constant_schedule_with_warmup
+
+from rrec.config import load_params
+from rrec.evaluate import evaluate_policy, load_user_prompts
+from rrec.items import encode_items, read_item_prompts
+from rrec.paths import Paths
+from rrec.train.loop import epoch_batches
+from rrec.train.policy import new_policy
+from rrec.train.rollout import make_engine
+from rrec.train.run import make_optimizer
+from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
+
+method = sys.argv[1]
+ov = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+steps = int(ov.pop("steps", 200))
+every = int(ov.pop("every", 50))
+init = ov.pop("init", None)
+
+ROOT = os.environ.get("ROOT", ".")
+params = load_params(ROOT + "/params.yaml", ov)
+paths = Paths(Path(ROOT))
+torch.manual_seed(params.train.seed)
+acc = Accelerator(cpu=True)
+rec = new_policy(params, paths)
+if init:
+    from rrec.train.policy import start_from_trained
+
+    start_from_trained(rec, Path(init))
+train = load_user_prompts(paths, "train")
+valid = load_user_prompts(paths, "valid")
+item_ids = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
+reasoning = method == "recpo"
+uid = rec.user_prompt_ids(train.conversations, answer=not reasoning)
+opt = make_optimizer(rec, params)
+sch = get_constant_schedule_with_warmup(opt, params.train.warmup_steps)
+model, opt = acc.prepare(rec, opt)
+ctx = StepContext(
+    accelerator=acc,
+    model=model,
+    optimizer=opt,
+    scheduler=sch,
+    params=params,
+    user_prompt_ids=uid,
+    histories=train.histories,
+    targets=train.targets,
+    item_prompt_ids=item_ids,
+)
+tmp = Path(tempfile.mkdtemp())
+
+
+def ev(step):
+    table = encode_items(
+        rec, item_ids, tmp / f"t{step}", batch_size=64, chunk_size=4096, meta={"s": step}
+    )
+    m, d = evaluate_policy(
+        rec,
+        table,
+        valid,
+        reasoning=reasoning,
+        ks=[10],
+        max_new_tokens=params.evaluate.max_new_tokens,
+        batch_size=64,
+        progress=False,
+    )
+    rec.train()
+    t = torch.nn.functional.normalize(table, dim=-1)
+    spread = float((1 - (t @ t.T)).mean())
+    st = torch.nn.functional.normalize(d["states"], dim=-1)
+    uspread = float((1 - st @ st.T).mean())
+    print(
+        json.dumps(
+            {
+                "step": step,
+                "valid_ndcg10": round(m["ndcg@10"], 4),
+                "hit10": round(m["hit@10"], 4),
+                "len": round(m["reasoning_len"], 2),
+                "item_spread": round(spread, 4),
+                "user_spread": round(uspread, 4),
+            }
+        ),
+        flush=True,
+    )
+    return table
+
+
+table = ev(0)
+if reasoning:
+    engine = make_engine(
+        "hf",
+        temperature=params.train.rollout.temperature,
+        top_k=params.train.rollout.top_k,
+        max_new_tokens=params.train.rollout.max_new_tokens,
+        model_ref="tiny",
+        batch_size=128,
+    )
+    step_fn = RecPOStep(ctx, engine, table.clone())
+else:
+    step_fn = ContrastiveStep(ctx)
+s = 0
+ep = 0
+t0 = time.time()
+logs = []
+while s < steps:
+    for b in epoch_batches(len(train), params.train.batch_size, params.train.seed, ep):
+        out = step_fn(b, s)
+        s += 1
+        logs.append(out)
+        if s % 10 == 0:
+            keys = [
+                k
+                for k in (
+                    "loss",
+                    "inbatch_reward",
+                    "reward",
+                    "reward_d",
+                    "reasoning_len",
+                    "adv_abs_mean",
+                    "grad_norm",
+                    "item_loss",
+                    "token_loss",
+                )
+                if k in out
+            ]
+            print(
+                s,
+                f"{time.time() - t0:.0f}s",
+                {k: round(float(np.mean([row[k] for row in logs[-10:]])), 4) for k in keys},
+                flush=True,
+            )
+        if s % every == 0:
+            tb = ev(s)
+            if reasoning:
+                step_fn.table.copy_(tb)
+        if s >= steps:
+            break
+    ep += 1

@@ -1,0 +1,119 @@
+"""Quality over seeds: train and evaluate the LLM methods with several training seeds,
+on the full valid and test splits, and print one table (mean ± standard deviation over
+the seeds, with n) beside the reference rows (popularity, random) and, when present,
+the classic baselines of `reports/eval/baselines.json`.
+
+Every seed runs in a scratch project that shares this project's data, backbone and
+item table (read only), so the pipeline's own outputs are untouched:
+
+    python benchmarks/quality.py                      # seeds 0 1 2, params.yaml as it is
+    python benchmarks/quality.py --seeds 0 1 -S train.recpo.max_steps=30
+
+Run `dvc repro items` (or the whole pipeline) first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from rrec.config import load_params
+from rrec.evaluate import run_evaluate
+from rrec.paths import Paths
+from rrec.train.run import run_train
+
+SHARED = ("data", "models/backbone", "models/item_table", "dvc.lock")
+COLUMNS = ("ndcg@10", "hit@10", "ndcg@20", "hit@20")
+
+
+def _scratch(root: Path, into: Path) -> Paths:
+    for rel in SHARED:
+        src = root / rel
+        if src.exists():
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            (into / rel).symlink_to(src.resolve())
+    return Paths(into)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, object]:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=["contrastive", "recpo"])
+    ap.add_argument(
+        "-S", dest="overrides", action="append", default=[], help="key=value on top of params.yaml"
+    )
+    ap.add_argument("--out", type=Path, help="also write the per-seed results as JSON here")
+    args = ap.parse_args()
+    root = args.root.resolve()
+
+    per_seed: dict[str, dict[str, list[dict[str, float]]]] = {}
+    references: dict[str, dict[str, dict[str, float]]] = {}
+    for seed in args.seeds:
+        params = load_params(
+            root / "params.yaml", {**_parse_overrides(args.overrides), "train.seed": seed}
+        )
+        with tempfile.TemporaryDirectory(prefix=f"rrec-quality-{seed}-") as tmp:
+            paths = _scratch(root, Path(tmp))
+            for method in args.methods:
+                run_train(params, paths, method)
+                report = run_evaluate(params, paths, method, register=False)
+                for name, by_split in report["methods"].items():
+                    if name in args.methods:
+                        for split, metrics in by_split.items():
+                            per_seed.setdefault(name, {}).setdefault(split, []).append(metrics)
+                    else:
+                        references[name] = by_split
+                print(
+                    f"seed {seed} {method}: test ndcg@10 {report['methods'][method]['test']['ndcg@10']:.4f}",
+                    flush=True,
+                )
+
+    baselines_file = root / "reports" / "eval" / "baselines.json"
+    if baselines_file.exists():
+        for name, res in json.loads(baselines_file.read_text()).items():
+            references.setdefault(name, {"test": res["test"], "valid": res.get("best_valid", {})})
+
+    print(f"\nseeds {args.seeds}; mean ± standard deviation over seeds for the LLM methods\n")
+    for split in ("valid", "test"):
+        print(f"{split}:\n")
+        print("| method | n | " + " | ".join(COLUMNS) + " |")
+        print("|---|---|" + "---|" * len(COLUMNS))
+        for name, by_split in references.items():
+            m = by_split.get(split) or {}
+            if m:
+                print(
+                    f"| {name} | {int(m.get('n', 0))} | "
+                    + " | ".join(f"{m[c]:.4f}" for c in COLUMNS)
+                    + " |"
+                )
+        for name, by_split in per_seed.items():
+            runs = by_split[split]
+            cells = []
+            for c in COLUMNS:
+                values = [r[c] for r in runs]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.mean(values):.4f} ± {spread:.4f}")
+            print(f"| {name} | {int(runs[0]['n'])} | " + " | ".join(cells) + " |")
+        print()
+    if args.out:
+        args.out.write_text(json.dumps({"per_seed": per_seed, "references": references}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
