@@ -323,7 +323,6 @@ class BaselinesParams(_Strict):
 
 class TrackingParams(_Strict):
     experiment: str = "rrec"
-    register_model: bool = True
 
 
 class Params(_Strict):

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
@@ -90,9 +89,3 @@ def load_trained_policy(
         raise FileNotFoundError(f"{trained / ADAPTER_DIR}: no trained adapter; run the train stage first")
     rec = policy_from_adapter(params, paths, trained / ADAPTER_DIR, device)
     return rec, load_item_table(trained / TABLE_DIR)
-
-
-def describe(rec: RecModel) -> dict[str, Any]:
-    trainable = sum(p.numel() for p in rec.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in rec.parameters())
-    return {"trainable_params": trainable, "total_params": total}
