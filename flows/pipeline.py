@@ -260,7 +260,7 @@ def _select(stages: Sequence[str] | None, root: str) -> list[str]:
 def pipeline_flow(
     stages: list[str] | None = None,
     root: str = ".",
-    download_retries: int = 3,
+    download_retries: int = 0,
     retry_delay_s: float = 30.0,
 ) -> dict[str, str]:
     """Reproduce the pipeline stage by stage, in `dvc.yaml` order; returns stage -> "ran"/"skipped".
@@ -268,10 +268,12 @@ def pipeline_flow(
     `stages` limits the run to those stages (still in `dvc.yaml` order; `train` selects
     every `train@<method>`). A stage whose
     deps, params and outs match `dvc.lock` is skipped by DVC itself, so running this flow
-    again after a failure resumes at the failed stage. Only `download` is retried
-    (`download_retries` times, `retry_delay_s` apart): its failures are mostly transient
-    network errors, while any other stage failing again on the same inputs would fail
-    the same way. A failing stage fails the flow run; its stderr tail is in the message.
+    again after a failure resumes at the failed stage. No stage is retried by default:
+    `download` retries transient network failures itself (`data.retries`) and fails at
+    once on a deterministic one (HTTP 404, a failed integrity check), and any other stage
+    failing again on the same inputs would fail the same way; `download_retries` adds
+    whole-stage retries of `download`. A failing stage fails the flow run; its stderr
+    tail is in the message.
     """
     logger = get_run_logger()
     selected = _select(stages, root)

@@ -89,8 +89,10 @@ def set_window_end(params_path: str | Path, end: dt.date) -> bool:
 # ------------------------------------------------------------------------- tasks
 
 
-@task(name="download", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[30, 120, 300])
+@task(name="download", cache_policy=NO_CACHE)
 def download_task(root: str, refresh: bool) -> None:
+    # no task retries: the stage retries transient network failures itself (data.retries)
+    # and a deterministic one (HTTP 404, a failed integrity check) would only fail again
     # --force: DVC cannot see that the files behind the URLs changed, so only a forced
     # run fetches what is new; unchanged files hash the same and downstream is skipped.
     run_dvc(["repro", "--force", "download"] if refresh else ["repro", "download"], Path(root))

@@ -70,9 +70,10 @@ def download_flow(params_path: str = "params.yaml", root: str = ".") -> dict[str
         from rrec.data.download import run_download
 
         return _run("download", run_download, params, paths)
-    fetch = fetch_file.with_options(retries=params.data.retries, retry_delay_seconds=[2, 10, 30])
+    # download_one retries transient failures itself (data.retries) and fails at once on a
+    # deterministic one (HTTP 404, a failed integrity check): no retries on top here
     with _timed("download"):
-        return {key: fetch(params, paths, key) for key in ("interactions", "meta")}
+        return {key: fetch_file(params, paths, key) for key in ("interactions", "meta")}
 
 
 @flow(name="window")
