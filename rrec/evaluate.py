@@ -193,6 +193,7 @@ def run_evaluate(params: Params, paths: Paths, method: str, *, register: bool = 
     from rrec.baselines.reference import run_references
     from rrec.train.policy import TRAIN_SUMMARY, load_trained_policy
 
+    tracking.require_reachable(paths.root)  # before any work: results are logged at the end
     summary_path = paths.trained(method) / TRAIN_SUMMARY
     if not summary_path.exists():
         raise FileNotFoundError(f"{summary_path}: no trained model; run the train stage first (`dvc repro train`)")

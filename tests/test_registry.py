@@ -142,3 +142,27 @@ def test_set_alias_and_other_metric(store: str, tmp_path: Path) -> None:
     registry.set_alias("rrec-Cat", "champion", version)
     assert registry.champion_metric("rrec-Cat", metric="test_hit_at_10") == pytest.approx(0.7)
     assert registry.champion_metric("rrec-Cat", metric="valid_ndcg_at_10") is None
+
+
+def test_an_unreachable_tracking_server_stops_a_stage_at_once_with_the_fix(tmp_path, monkeypatch):
+    """Issue 14 item 10: a tracking server that is down is named (MLFLOW_TRACKING_URI)
+    within seconds, before a stage computes anything."""
+    import socket
+    import time
+
+    from rrec import tracking
+    from rrec.config import parse_params
+    from rrec.evaluate import run_evaluate
+    from rrec.paths import Paths
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable, match="MLFLOW_TRACKING_URI") as err:
+        tracking.require_reachable(tmp_path)
+    assert f"127.0.0.1:{port}" in str(err.value) and time.monotonic() - started < 10
+    # the evaluate stage checks before loading anything (no trained model exists here)
+    with pytest.raises(tracking.TrackingUnavailable):
+        run_evaluate(parse_params({}), Paths(tmp_path), "contrastive")

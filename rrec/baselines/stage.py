@@ -14,6 +14,7 @@ from rrec.paths import Paths
 
 
 def run_baselines_stage(params: Params, paths: Paths) -> dict[str, Any]:
+    tracking.require_reachable(paths.root)
     tracker = tracking.RunPerModel(params, "baselines", paths.root)
     try:
         results = run_baselines(params, paths, tracker)

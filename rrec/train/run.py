@@ -105,6 +105,7 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
 
     if method not in ("contrastive", "recpo"):
         raise ValueError(f"unknown training method {method!r}; expected contrastive or recpo")
+    tracking.require_reachable(paths.root)
     started = time.monotonic()
     tp = params.train
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
