@@ -3,8 +3,9 @@ on the full valid and test splits, and print one table (mean ± standard deviati
 the seeds, with n) beside the reference rows (popularity, random) and, when present,
 the classic baselines of `reports/eval/baselines.json`.
 
-Every seed runs in a scratch project that shares this project's data, backbone and
-item table (read only), so the pipeline's own outputs are untouched:
+Every seed runs in a scratch project holding a copy of this project's processed data,
+prompts, backbone and item table, so the pipeline's own outputs are untouched (copies,
+not links: MLflow refuses to log a model whose files resolve outside the project):
 
     python benchmarks/quality.py                      # seeds 0 1 2, params.yaml as it is
     python benchmarks/quality.py --seeds 0 1 -S train.recpo.max_steps=30
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,16 +31,18 @@ from rrec.evaluate import run_evaluate
 from rrec.paths import Paths
 from rrec.train.run import run_train
 
-SHARED = ("data", "models/backbone", "models/item_table", "dvc.lock")
+SHARED = ("data/processed", "data/prompts", "models/backbone", "models/item_table", "dvc.lock")
 COLUMNS = ("ndcg@10", "hit@10", "ndcg@20", "hit@20")
 
 
 def _scratch(root: Path, into: Path) -> Paths:
     for rel in SHARED:
         src = root / rel
-        if src.exists():
+        if src.is_dir():
+            shutil.copytree(src, into / rel)
+        elif src.exists():
             (into / rel).parent.mkdir(parents=True, exist_ok=True)
-            (into / rel).symlink_to(src.resolve())
+            shutil.copy2(src, into / rel)
     return Paths(into)
 
 
@@ -46,6 +52,17 @@ def _parse_overrides(items: list[str]) -> dict[str, object]:
         key, _, value = item.partition("=")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def _one_seed(root: Path, seed: int, methods: list[str], overrides: list[str], out: Path) -> None:
+    params = load_params(root / "params.yaml", {**_parse_overrides(overrides), "train.seed": seed})
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix=f"rrec-quality-{seed}-") as tmp:
+        paths = _scratch(root, Path(tmp))
+        for method in methods:
+            run_train(params, paths, method)
+            results.update(run_evaluate(params, paths, method, register=False)["methods"])
+    out.write_text(json.dumps(results))
 
 
 def main() -> None:
@@ -59,30 +76,30 @@ def main() -> None:
         "-S", dest="overrides", action="append", default=[], help="key=value on top of params.yaml"
     )
     ap.add_argument("--out", type=Path, help="also write the per-seed results as JSON here")
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # one seed, results to this file
     args = ap.parse_args()
     root = args.root.resolve()
+    if args.worker:
+        _one_seed(root, args.seeds[0], args.methods, args.overrides, args.worker)
+        return
 
     per_seed: dict[str, dict[str, list[dict[str, float]]]] = {}
     references: dict[str, dict[str, dict[str, float]]] = {}
     for seed in args.seeds:
-        params = load_params(
-            root / "params.yaml", {**_parse_overrides(args.overrides), "train.seed": seed}
-        )
-        with tempfile.TemporaryDirectory(prefix=f"rrec-quality-{seed}-") as tmp:
-            paths = _scratch(root, Path(tmp))
-            for method in args.methods:
-                run_train(params, paths, method)
-                report = run_evaluate(params, paths, method, register=False)
-                for name, by_split in report["methods"].items():
-                    if name in args.methods:
-                        for split, metrics in by_split.items():
-                            per_seed.setdefault(name, {}).setdefault(split, []).append(metrics)
-                    else:
-                        references[name] = by_split
-                print(
-                    f"seed {seed} {method}: test ndcg@10 {report['methods'][method]['test']['ndcg@10']:.4f}",
-                    flush=True,
-                )
+        # each seed in a process of its own: MLflow keeps per-process state about its store
+        with tempfile.TemporaryDirectory(prefix="rrec-quality-") as tmp:
+            result = Path(tmp) / "result.json"
+            overrides = [a for o in args.overrides for a in ("-S", o)]
+            cmd = [sys.executable, __file__, "--root", str(root), "--seeds", str(seed)]
+            cmd += ["--worker", str(result), "--methods", *args.methods, *overrides]
+            subprocess.run(cmd, check=True)
+            for name, by_split in json.loads(result.read_text()).items():
+                if name in args.methods:
+                    for split, metrics in by_split.items():
+                        per_seed.setdefault(name, {}).setdefault(split, []).append(metrics)
+                    print(f"seed {seed} {name}: test ndcg@10 {by_split['test']['ndcg@10']:.4f}", flush=True)
+                else:
+                    references[name] = by_split
 
     baselines_file = root / "reports" / "eval" / "baselines.json"
     if baselines_file.exists():
