@@ -43,6 +43,9 @@ TINY_OVERRIDES: dict = {
     "train.eval_samples": 2,
     "train.rollout.group_size": 2,
     "train.rollout.max_new_tokens": 4,
+    # each test trains one method alone; starting from the contrastive model is tested
+    # in test_train.py and end to end in test_pipeline_e2e.py
+    "train.recpo.init": "backbone",
     "evaluate.max_new_tokens": 4,
     "evaluate.max_users": 40,
     "baselines.epochs": 2,

@@ -267,7 +267,7 @@ def test_pipeline_retries_download_and_stops_at_a_failing_stage(
 ) -> None:
     monkeypatch.setenv("FAKE_DVC_FLAKY", "download")
     monkeypatch.setenv("FAKE_DVC_FAIL", "train@recpo")
-    state = pipeline_flow(root=str(fake_dvc), retry_delay_s=0, return_state=True)
+    state = pipeline_flow(root=str(fake_dvc), download_retries=1, retry_delay_s=0, return_state=True)
     assert state.is_failed()
     assert [c[0].split()[-1] for c in calls(fake_dvc)] == [
         "download", "download", "window", "train@contrastive", "train@recpo"]

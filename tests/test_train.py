@@ -154,3 +154,33 @@ def test_train_then_evaluate_writes_reports(project_copy):
     assert lines[0] == "method,split,k,hit,ndcg" and len(lines) == 1 + 3 * 2 * 3
     curves = (out / "train_curves.csv").read_text().splitlines()
     assert curves[0].startswith("step,") and len(curves) == 7
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_recpo_starts_from_the_trained_contrastive_weights(tmp_path, lora):
+    """train.recpo.init: contrastive loads the contrastive run's weights (full or LoRA)
+    into the fresh policy; a missing run is a clear error naming the stage to run."""
+    from rrec.model.lora import save_adapter
+    from rrec.train.policy import ADAPTER_DIR, start_from_trained
+
+    def policy() -> RecModel:
+        base = tiny_recmodel()
+        if not lora:
+            return base
+        lm = apply_lora(base.lm, LoraParams(enabled=True, r=4, alpha=8.0, dropout=0.0))
+        return RecModel(lm, base.tokenizer, tau=0.1)
+
+    trained = policy()
+    with torch.no_grad():
+        for name, p in trained.lm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * (1 + len(name) % 3))
+    save_adapter(trained.lm, tmp_path / "contrastive" / ADAPTER_DIR)
+    fresh = policy()
+    before = {n: p.clone() for n, p in fresh.lm.named_parameters() if p.requires_grad}
+    start_from_trained(fresh, tmp_path / "contrastive")
+    got = dict(fresh.lm.named_parameters())
+    want = dict(trained.lm.named_parameters())
+    assert before and all(torch.equal(got[n], want[n]) and not torch.equal(got[n], before[n]) for n in before)
+    with pytest.raises(FileNotFoundError, match="train@contrastive"):
+        start_from_trained(policy(), tmp_path / "nothing")
