@@ -16,9 +16,12 @@ if __name__ == "__main__":
 
 import atexit  # noqa: E402
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
+import logging  # noqa: E402
 import subprocess  # noqa: E402
+import traceback  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -29,6 +32,7 @@ from rrec.processes import free_port, stop_process, wait_until_answering  # noqa
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
+DEBUG_ENV = "RREC_DEBUG"
 HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 # The rrec module each stage's flow (flows/stages.py) imports first.
 STAGE_MODULES = {
@@ -142,6 +146,43 @@ def _stage_settings() -> Iterator[None]:
         yield
 
 
+def failure_message(stage: str, err: BaseException) -> str:
+    """The one message a failing stage prints: what failed and why (the exception's own
+    text names the file or setting and the fix); the traceback only with RREC_DEBUG=1."""
+    text = str(err).strip() or repr(err)
+    return f"error: stage {stage} failed: {type(err).__name__}: {text}\n(set {DEBUG_ENV}=1 for the traceback)"
+
+
+class _NoTraceback(logging.Filter):
+    """Keeps Prefect's "Encountered exception during execution" traceback out of the
+    terminal (the Prefect UI still gets it, through the API handler)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and str(record.msg).startswith("Encountered exception"))
+
+
+def _console_without_tracebacks() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_NoTraceback())
+
+
+def _release(err: BaseException) -> None:
+    """Drop the locals of the failed stage's frames. A failed flow run keeps its
+    exception, and so those frames, alive until exit, when native extensions (DuckDB's
+    nanobind) report every object still held as a leak, after the message."""
+    seen: set[int] = set()
+    exc: BaseException | None = err
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
+
+
 @app.command()
 def main(
     stage: str = typer.Argument(..., help="download, window, prompts, backbone, items, train, evaluate, baselines or report"),
@@ -165,12 +206,21 @@ def main(
             raise typer.Exit(2)
         kwargs["method"] = method
     _use_api(early, STAGE_MODULES.get(stage))
+    debug = bool(os.environ.get(DEBUG_ENV))
+    if not debug:
+        _console_without_tracebacks()
     try:
         with _stage_settings():
             STAGE_FLOWS[stage](**kwargs)
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
+    except Exception as err:
+        if debug:
+            raise
+        typer.echo(failure_message(stage if method is None else f"{stage}@{method}", err), err=True)
+        _release(err)
+        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""A failing stage, run as DVC runs it (`python -m flows.run STAGE`), prints one message
+naming the setting and exits non-zero; the traceback only with RREC_DEBUG=1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rrec.data.download import run_download
+from rrec.paths import Paths
+
+from .conftest import TINY_OVERRIDES, write_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def failing_window(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose window stage must stop: the sample's 'no_metadata' interactions
+    are far above the allowed dropped share."""
+    root = tmp_path_factory.mktemp("failing_window")
+    params = write_params(root, {**TINY_OVERRIDES, "data.window.max_dropped_share": 0.0001})
+    run_download(params, Paths(root))
+    return root
+
+
+def run_window(root: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("RREC_DEBUG", "PREFECT_API_URL")}
+    return subprocess.run(
+        [sys.executable, "-m", "flows.run", "window", "--root", str(root)],
+        cwd=REPO, env={**environ, **env}, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_a_failing_stage_prints_one_message_naming_the_setting(failing_window: Path) -> None:
+    done = run_window(failing_window)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert "stage window failed" in errors[0] and "data.window.max_dropped_share" in errors[0]
+    assert "RREC_DEBUG=1" in out
+    assert "Traceback" not in out and "─ Traceback" not in out
+    assert "nanobind" not in out  # DuckDB's leak reports at exit
+    assert "telemetry" not in out.lower()  # the Prefect server's, without internet
+
+
+def test_the_traceback_comes_back_with_the_debug_switch(failing_window: Path) -> None:
+    done = run_window(failing_window, RREC_DEBUG="1")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "Traceback" in out and "WindowError" in out
