@@ -3,11 +3,13 @@
     rrec recommend --method recpo --history 12,40,7 --history 3,9 --k 10 [--json]
     rrec recommend --input requests.jsonl --json
     rrec catalogue add --meta new_meta.jsonl.gz
-    rrec catalogue remove --asin B00XYZ --asin B00ABC
+    rrec catalogue remove --asin B00XYZ --asin B00ABC --publish champion
     rrec log-model --method recpo --register
 
 Catalogue updates are kept in `models/serving/<method>/`; `rrec recommend` and
-`rrec log-model` serve from there once it exists.
+`rrec log-model` serve from there once it exists. `--publish ALIAS` also registers the
+updated model as a new version of `rrec-<category>` and moves ALIAS to it, so that
+`mlflow models serve -m models:/rrec-<category>@ALIAS` serves the change once restarted.
 """
 
 from __future__ import annotations
@@ -138,7 +140,13 @@ def recommend(
             typer.echo(f"{rank:3d}. [{item.item_id}] {item.title} ({item.parent_asin})  score {item.score:.3f}")
 
 
-def _updated(params: str, root: str, method: str, out: Path | None, change: Any) -> None:
+PublishOpt = Annotated[
+    str | None,
+    typer.Option("--publish", help="also register the updated model and move this alias (e.g. champion) to it"),
+]
+
+
+def _updated(params: str, root: str, method: str, out: Path | None, change: Any, publish: str | None) -> None:
     from rrec.serve.recommend import Recommender, serving_dir
 
     p, paths = _project(params, root)
@@ -149,8 +157,17 @@ def _updated(params: str, root: str, method: str, out: Path | None, change: Any)
     except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:
         raise _fail(str(err).strip("'\"")) from None
     rec.save(target)
-    typer.echo(json.dumps({**update.as_dict(), "n_items": rec.n_items,
-                           "n_removed": rec.catalogue.n_removed, "saved_to": str(target)}))
+    report = {**update.as_dict(), "n_items": rec.n_items, "n_removed": rec.catalogue.n_removed, "saved_to": str(target)}
+    if publish:
+        from rrec.serve.pyfunc import publish_catalogue
+        from rrec.tracking import TrackingUnavailable
+
+        try:
+            report["published"] = publish_catalogue(p, paths, method, target, publish)
+        except (FileNotFoundError, RuntimeError, TrackingUnavailable) as err:
+            raise _fail(f"{err} (the change is saved in {target})") from None
+        report["alias"] = publish
+    typer.echo(json.dumps(report))
 
 
 @catalogue_app.command("add")
@@ -158,13 +175,14 @@ def catalogue_add(
     meta: Annotated[Path, typer.Option("--meta", help="Amazon 2023 metadata lines (.jsonl or .jsonl.gz)")],
     method: MethodOpt = "recpo",
     out: Annotated[Path | None, typer.Option("--out", help="default models/serving/<method>/")] = None,
+    publish: PublishOpt = None,
     params: ParamsOpt = "params.yaml",
     root: RootOpt = ".",
 ) -> None:
     """Add items (new parent_asin) or replace them (known parent_asin), cleaned like the window stage."""
     from rrec.serve.catalogue import add_items_from_file
 
-    _updated(params, root, method, out, lambda rec: add_items_from_file(rec, meta))
+    _updated(params, root, method, out, lambda rec: add_items_from_file(rec, meta), publish)
 
 
 @catalogue_app.command("remove")
@@ -172,13 +190,14 @@ def catalogue_remove(
     asin: Annotated[list[str], typer.Option("--asin", help="parent_asin to remove; repeatable")],
     method: MethodOpt = "recpo",
     out: Annotated[Path | None, typer.Option("--out", help="default models/serving/<method>/")] = None,
+    publish: PublishOpt = None,
     params: ParamsOpt = "params.yaml",
     root: RootOpt = ".",
 ) -> None:
     """Stop recommending items (their ids and rows stay, masked)."""
     from rrec.serve.catalogue import remove_items
 
-    _updated(params, root, method, out, lambda rec: remove_items(rec, asin))
+    _updated(params, root, method, out, lambda rec: remove_items(rec, asin), publish)
 
 
 @app.command("log-model")

@@ -392,6 +392,70 @@ def test_served_model_answers_over_http(served: str, base: Recommender, historie
     assert 400 <= r.status_code < 500
 
 
+def test_a_published_catalogue_change_reaches_the_served_model(
+    trained, histories, store: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """`rrec catalogue remove --publish champion` registers the updated model as a new
+    version and moves the alias; a server restarted on the alias never recommends the item."""
+    from rrec import registry
+    from rrec.cli import app
+    from rrec.serve.pyfunc import log_pyfunc
+
+    params, paths = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    name = registry.model_name(params.data.category)
+    first = int(log_pyfunc(params, paths, "recpo", registered_model_name=name).rsplit("/", 1)[1])
+    registry.set_alias(name, registry.CHAMPION, first, root=paths.root)
+    served_uri = f"models:/{name}@{registry.CHAMPION}"
+    body = {"dataframe_records": [{"history": histories[0], "k": 3, "now": NOW}]}
+
+    def served_items(log_name: str) -> list[dict]:
+        with model_server(served_uri, tmp_path / log_name) as url:
+            r = requests.post(f"{url}/invocations", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["predictions"][0]["items"]
+
+    before = served_items("before.log")
+    top = before[0]
+    result = CliRunner().invoke(app, [
+        "catalogue", "remove", "--asin", top["parent_asin"], "--out", str(tmp_path / "updates"),
+        "--publish", registry.CHAMPION, "--root", str(paths.root),
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["published"] == f"models:/{name}/{first + 1}" and report["alias"] == registry.CHAMPION
+    assert registry.champion_version(name, root=paths.root) == first + 1
+    after = served_items("after.log")
+    assert top["item_id"] not in [i["item_id"] for i in after]
+    assert [i["item_id"] for i in after[:2]] == [i["item_id"] for i in before[1:3]]
+
+
+def test_publishing_refuses_an_alias_that_serves_another_run(
+    trained, base: Recommender, store: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    from mlflow import MlflowClient
+
+    from rrec import registry
+    from rrec.cli import app
+
+    params, paths = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = MlflowClient(tracking_uri=store)
+    name = registry.model_name(params.data.category)
+    other_run = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(name, str(tmp_path), run_id=other_run).version
+    client.set_registered_model_alias(name, "elsewhere", version)
+    result = CliRunner().invoke(app, [
+        "catalogue", "remove", "--asin", base.catalogue.parent_asin(5), "--out", str(tmp_path / "updates"),
+        "--publish", "elsewhere", "--root", str(paths.root),
+    ])
+    assert result.exit_code == 2
+    assert f"{name}@elsewhere is version {version}" in result.output and other_run in result.output
+    assert client.get_model_version_by_alias(name, "elsewhere").version == version
+
+
 def test_single_requests_on_the_aot_decoder_answer_like_the_api(trained, base: Recommender, histories, tmp_path):
     """`model.aot_single_requests`: the pyfunc model builds the ahead-of-time compiled
     decoder when it loads, and a request on its own gets the same answer from it."""

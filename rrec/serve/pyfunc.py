@@ -230,3 +230,41 @@ def log_pyfunc(
     if registered_model_name is not None and info.registered_model_version is not None:
         return f"models:/{registered_model_name}/{info.registered_model_version}"
     return info.model_uri
+
+
+CATALOGUE_OF_TAG = "rrec.catalogue_update_of"
+
+
+def publish_catalogue(params: Params, paths: Paths, method: str, updates: Path, alias: str) -> str:
+    """Make a catalogue change reach what is served: register the trained `method` with the
+    updated table and catalogue in `updates` as a new version of `rrec-<category>` (in the
+    same training run, so it keeps that run's test metrics) and move `alias` to it.
+    Returns the new version's URI. A server started on `models:/rrec-<category>@<alias>`
+    loads the new version when it is restarted.
+
+    Refuses when `alias` serves a model trained in another run than the local one: moving
+    it would replace that model, not update its catalogue."""
+    from mlflow import MlflowClient
+
+    from rrec import registry
+
+    tracking.require_reachable(paths.root)
+    name = registry.model_name(params.data.category)
+    summary = json.loads((paths.trained(method) / TRAIN_SUMMARY).read_text())
+    client = MlflowClient(tracking_uri=tracking.configure(paths.root))
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    if current is not None and current.run_id != summary.get("mlflow_run_id"):
+        raise RuntimeError(
+            f"{name}@{alias} is version {current.version}, trained in run {current.run_id}, not the local "
+            f"{method} model (run {summary.get('mlflow_run_id')}); publish from the project that trained it, "
+            f"or choose another --publish alias"
+        )
+    uri = log_pyfunc(params, paths, method, name, updates=updates)
+    version = uri.rsplit("/", 1)[1]
+    if current is not None:
+        client.set_model_version_tag(name, version, CATALOGUE_OF_TAG, str(current.version))
+    registry.set_alias(name, alias, version, root=paths.root)
+    return uri
