@@ -138,6 +138,8 @@ def recommend(
             typer.echo(f"reasoning ({res.reasoning_tokens} tokens): {res.reasoning.strip()}")
         for rank, item in enumerate(res.items, start=1):
             typer.echo(f"{rank:3d}. [{item.item_id}] {item.title} ({item.parent_asin})  score {item.score:.3f}")
+        if res.note:
+            typer.echo(f"note: {res.note}")
 
 
 PublishOpt = Annotated[

@@ -212,6 +212,20 @@ def _raw_meta(paths: Paths, params: Params, asin: str) -> dict:
     raise AssertionError(f"{asin} not in the raw metadata")
 
 
+def test_added_items_with_wrongly_typed_fields_are_counted(base: Recommender, trained):
+    from rrec.serve.catalogue import add_or_replace_items
+
+    params, paths = trained
+    rec = fresh(base)
+    meta = _raw_meta(paths, params, rec.catalogue.parent_asin(0))
+    update = add_or_replace_items(rec, [
+        json.dumps({**meta, "parent_asin": "TYPED00001", "features": "not a list", "rating_number": "1,234"}),
+        json.dumps({**meta, "parent_asin": "TYPED00002"}),
+    ])
+    assert len(update.added) == 2
+    assert update.as_dict()["wrong_type"] == {"features": 1, "rating_number": 1}
+
+
 def test_add_replace_remove_items(base: Recommender, trained, histories):
     params, paths = trained
     rec = fresh(base)
@@ -297,6 +311,11 @@ def test_cli_recommend_and_catalogue(trained, base: Recommender, histories, tmp_
 
     bad = runner.invoke(app, ["recommend", "--history", "1,99999", *common])
     assert bad.exit_code == 2 and "unknown item id 99999" in bad.output
+
+    everything = ",".join(map(str, range(len(base.catalogue))))
+    empty = runner.invoke(app, ["recommend", "--history", everything, "--k", "3", *common])
+    assert empty.exit_code == 0, empty.output
+    assert "note: 0 of the 3 items asked for" in empty.stdout
 
     asin = base.catalogue.parent_asin(3)
     out = tmp_path / "updates"

@@ -814,10 +814,11 @@ __all__ = [
 
 def clean_meta_file(
     path: Path, max_title_words: int
-) -> tuple[list[dict[str, Any]], dict[str, int], int]:
+) -> tuple[list[dict[str, Any]], dict[str, int], int, dict[str, int]]:
     """Clean an Amazon 2023 metadata file (JSONL, optionally gzipped) with the window stage's
-    rules; returns the kept items (ITEMS columns but item_id / n_interactions, in file order)
-    and the drop counts per reason (with `malformed`) and the number of lines read.
+    rules; returns the kept items (ITEMS columns but item_id / n_interactions, in file order),
+    the drop counts per reason (with `malformed`), the number of lines read and, per typed
+    field, the kept items whose field had the wrong type (read as missing).
 
     This is the window stage's own metadata reader, validity rules and items query, for
     catalogue updates at serving time: a served item is cleaned exactly like a trained one."""
@@ -838,9 +839,10 @@ def clean_meta_file(
             "0::BIGINT AS n_interactions FROM meta_valid"
         )
         rows = con.sql(_ITEMS_QUERY).to_arrow_table().to_pylist()
+        wrong_type = _wrong_types(con)
     finally:
         con.close()
     for row in rows:
         row.pop("item_id")
         row.pop("n_interactions")
-    return rows, {**drops, "malformed": int(malformed)}, int(lines)
+    return rows, {**drops, "malformed": int(malformed)}, int(lines), wrong_type
