@@ -2,7 +2,7 @@
 
 - unified: the policy writes its reasoning greedily and the user state is read at
   `<answer>` by ONE cached decoder step on top of the generation's KV cache
-  (`rrec.train.rollout.HFEngine`, what `rrec.serve.Recommender` runs);
+  (`rrec.model.generation.HFEngine`, what `rrec.serve.Recommender` runs);
 - two-stage: the same LM writes the same reasoning with the same generation code, then a
   SECOND full forward pass encodes prompt + reasoning + `<answer>` to get the user state
   (an LM writes a profile, a second pass encodes it for retrieval).
@@ -40,11 +40,11 @@ import torch
 from tqdm.auto import tqdm
 
 from rrec.config import load_params
-from rrec.evaluate import load_user_prompts
-from rrec.model.wrapper import RecModel
+from rrec.model.generation import HFEngine
+from rrec.model.two_headed import RecModel
 from rrec.paths import Paths
+from rrec.prompts import load_user_prompts
 from rrec.serve.recommend import Recommender
-from rrec.train.rollout import HFEngine
 
 Batch = list[list[int]]
 

@@ -25,12 +25,13 @@ from accelerate import Accelerator
 from transformers import get_constant_schedule_with_warmup
 
 from rrec.config import load_params
-from rrec.evaluate import evaluate_policy, load_user_prompts
 from rrec.items import encode_items, read_item_prompts
+from rrec.model.generation import make_engine
+from rrec.model.loading import new_policy
 from rrec.paths import Paths
+from rrec.prompts import load_user_prompts
+from rrec.ranking import evaluate_policy
 from rrec.train.loop import epoch_batches
-from rrec.train.policy import new_policy
-from rrec.train.rollout import make_engine
 from rrec.train.run import make_optimizer
 from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
 
@@ -47,7 +48,7 @@ torch.manual_seed(params.train.seed)
 acc = Accelerator(cpu=True)
 rec = new_policy(params, paths)
 if init:
-    from rrec.train.policy import start_from_trained
+    from rrec.model.loading import start_from_trained
 
     start_from_trained(rec, Path(init))
 train = load_user_prompts(paths, "train")

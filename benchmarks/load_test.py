@@ -28,8 +28,8 @@ import requests
 from tqdm.auto import tqdm
 
 from rrec.config import load_params
-from rrec.evaluate import load_user_prompts
 from rrec.paths import Paths
+from rrec.prompts import load_user_prompts
 from rrec.serve.server import model_server
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import yaml
 
 from rrec.config import load_params
-from rrec.evaluate import run_evaluate
 from rrec.paths import Paths
+from rrec.stages.evaluate import evaluate_stage
 from rrec.train.run import run_train
 
 SHARED = ("data/processed", "data/prompts", "models/backbone", "models/item_table", "dvc.lock")
@@ -61,7 +61,7 @@ def _one_seed(root: Path, seed: int, methods: list[str], overrides: list[str], o
         paths = _scratch(root, Path(tmp))
         for method in methods:
             run_train(params, paths, method)
-            results.update(run_evaluate(params, paths, method, register=False)["methods"])
+            results.update(evaluate_stage(params, paths, method, register=False)["methods"])
     out.write_text(json.dumps(results))
 
 

@@ -82,8 +82,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from rrec.config import Params, load_params
+from rrec.model.generation import Rollout
 from rrec.paths import Paths
-from rrec.train.rollout import Rollout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -275,10 +275,11 @@ class RecPORunner:
         from accelerate.utils import set_seed
         from transformers import get_constant_schedule_with_warmup
 
-        from rrec.evaluate import load_user_prompts
-        from rrec.items import load_item_table, read_item_prompts
-        from rrec.train.policy import new_policy
-        from rrec.train.rollout import make_engine
+        from rrec.items import read_item_prompts
+        from rrec.model.generation import make_engine
+        from rrec.model.item_table import load_item_table
+        from rrec.model.loading import new_policy
+        from rrec.prompts import load_user_prompts
         from rrec.train.run import make_optimizer
         from rrec.train.steps import RecPOStep, StepContext
 
@@ -362,9 +363,9 @@ def time_trl(
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rrec.evaluate import load_user_prompts
     from rrec.model.backbone import load_model_and_tokenizer
     from rrec.model.lora import lora_config
+    from rrec.prompts import load_user_prompts
 
     tp, rp = params.train, params.train.rollout
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -555,7 +556,7 @@ def main() -> None:
             params, paths = build_project((args.build_into or tmp / "project").resolve(), overrides)
             print(f"built the tiny project in {time.perf_counter() - t0:.0f} s at {paths.root}")
         params = bench_params(params, args)
-        from rrec.evaluate import load_user_prompts
+        from rrec.prompts import load_user_prompts
 
         n_train = len(load_user_prompts(paths, "train").targets)
         batches = step_batches(n_train, args.batch, args.warmup + args.steps)
@@ -600,10 +601,10 @@ def main() -> None:
 def _stop_and_prompts(
     params: Params, paths: Paths, batches: list[np.ndarray]
 ) -> tuple[list[int], list[list[int]]]:
-    from rrec.evaluate import load_user_prompts
     from rrec.model.backbone import load_model_and_tokenizer
-    from rrec.model.wrapper import RecModel
-    from rrec.train.rollout import _stop_ids
+    from rrec.model.generation import _stop_ids
+    from rrec.model.two_headed import RecModel
+    from rrec.prompts import load_user_prompts
 
     lm, tok = load_model_and_tokenizer(params, paths)
     rec = RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)

@@ -25,9 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from flows import pipeline
 from rrec.config import ConfigError, load_params
 from rrec.data.latest import latest_interaction_date
+from rrec.model.loading import TRAIN_SUMMARY
 from rrec.paths import Paths
-from rrec.serve.pyfunc import MODEL_NAME as MODEL_ARTIFACT  # what the train stage logs
-from rrec.train.policy import TRAIN_SUMMARY
+from rrec.registry import MODEL_NAME as MODEL_ARTIFACT  # what the train stage logs
 
 CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 TIMEZONE = "UTC"
@@ -39,7 +39,7 @@ def run_dvc(args: Sequence[str], root: Path) -> None:
 
     The one place this flow touches DVC: tests replace it with a fake pipeline. A whole
     `dvc repro` gets a stage server for its stages to fork from (flows/stage_server.py)."""
-    pipeline.run_dvc(args, root, share_stages=list(args) == ["repro"])
+    pipeline.run_dvc(args, root)
 
 
 # ------------------------------------------------------------------ params.yaml edit

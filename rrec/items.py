@@ -1,10 +1,5 @@
-"""The item-embedding table `H` (SPEC section 3): encode, save, load, update rows.
-
-Row `i` of the table is the final-layer hidden state at the `<answer>` that pre-fills
-the assistant turn of item `i`'s prompt. On disk, a directory holds
-
-- `table.safetensors`: tensor `embeddings`, [n_items, d] float32, row i = item_id i;
-- `index.json`: {n_items, dim, backbone, adapter, fingerprint}.
+"""The `items` stage's work: encode every item into the item-embedding table `H`
+(its format and storage: `rrec.model.item_table`).
 
 Encoding sorts the prompts by token length (longest first) and cuts that order into
 chunks of `items.chunk_size`; each chunk is encoded in batches of `items.batch_size`
@@ -21,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,111 +27,27 @@ import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from rrec.atomic import write_text
 from rrec.config import Params
 from rrec.model.backbone import load_model_and_tokenizer
+from rrec.model.item_table import (
+    INDEX_FILE,
+    TABLE_FILE,
+    TENSOR,
+    load_item_table,
+    read_index,
+    save_item_table,
+    save_tensors,
+)
 from rrec.model.lora import load_adapter
-from rrec.model.wrapper import RecModel, shared_prefix_length
+from rrec.model.two_headed import RecModel, shared_prefix_length
 from rrec.paths import Paths
 
-TABLE_FILE = "table.safetensors"
-INDEX_FILE = "index.json"
 CHUNKS_DIR = "chunks"
 MANIFEST_FILE = "manifest.json"
-TENSOR = "embeddings"
-
-
-# ------------------------------------------------------------------ storage
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_item_table(
-    table: torch.Tensor,
-    directory: Path,
-    *,
-    backbone: str | None,
-    adapter: str | None,
-    fingerprint: str | None = None,
-) -> Path:
-    """Write `table` [n_items, d] and its index to `directory`; returns the table path."""
-    if table.dim() != 2:
-        raise ValueError(f"an item table is 2-D [n_items, dim], got shape {tuple(table.shape)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / TABLE_FILE
-    _atomic_save({TENSOR: table.detach().float().cpu()}, path)
-    index = {
-        "n_items": int(table.shape[0]),
-        "dim": int(table.shape[1]),
-        "backbone": backbone,
-        "adapter": adapter,
-        "fingerprint": fingerprint,
-    }
-    _atomic_text(json.dumps(index, indent=2) + "\n", directory / INDEX_FILE)
-    return path
-
-
-def read_index(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / INDEX_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: no item table index; run the items stage first (`dvc repro items`)"
-        )
-    return json.loads(path.read_text())
-
-
-def load_item_table(directory: Path, device: torch.device | str | None = None) -> torch.Tensor:
-    """The table [n_items, d] float32 saved in `directory`, checked against its index."""
-    directory = Path(directory)
-    index = read_index(directory)
-    path = directory / TABLE_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: missing although {INDEX_FILE} exists; rerun the items stage"
-        )
-    table = load_file(str(path))[TENSOR]
-    if tuple(table.shape) != (index["n_items"], index["dim"]):
-        raise ValueError(
-            f"{path}: shape {tuple(table.shape)} disagrees with {INDEX_FILE} "
-            f"({index['n_items']} x {index['dim']}); rerun the items stage"
-        )
-    return table.to(device) if device is not None else table
-
-
-def update_rows(
-    table: torch.Tensor, item_ids: Sequence[int] | torch.Tensor, rows: torch.Tensor
-) -> torch.Tensor:
-    """Replace rows `item_ids` of `table` in place with `rows` (detached); returns `table`.
-
-    Adding an item is appending a row (`torch.cat`), deleting one is dropping it; this
-    is the in-place refresh of SPEC section 4 step 5. With repeated ids the last write
-    wins, which is harmless when they come from the same prompt.
-    """
-    ids = torch.as_tensor(item_ids, dtype=torch.long, device=table.device).flatten()
-    if rows.dim() != 2 or rows.shape[0] != ids.numel() or rows.shape[1] != table.shape[1]:
-        raise ValueError(
-            f"rows must be [{ids.numel()}, {table.shape[1]}] (one per item id), got {tuple(rows.shape)}"
-        )
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
-        raise ValueError(
-            f"item ids must lie in [0, {table.shape[0]}), got {ids.min()}..{ids.max()}"
-        )
-    with torch.no_grad():
-        table[ids] = rows.detach().to(device=table.device, dtype=table.dtype)
-    return table
 
 
 # ----------------------------------------------------------------- encoding
@@ -205,10 +115,7 @@ def _prepare_chunks(chunks: Path, fp: str, n_items: int, n_chunks: int) -> None:
             for stale in chunks.glob(".*.tmp-*"):
                 stale.unlink(missing_ok=True)
     chunks.mkdir(parents=True, exist_ok=True)
-    _atomic_text(
-        json.dumps({"fingerprint": fp, "n_items": n_items, "n_chunks": n_chunks}, indent=2) + "\n",
-        manifest,
-    )
+    write_text(manifest, json.dumps({"fingerprint": fp, "n_items": n_items, "n_chunks": n_chunks}, indent=2) + "\n")
 
 
 def _concatenate(chunks: Path, n_chunks: int, n_items: int, dim: int) -> torch.Tensor:
@@ -307,7 +214,7 @@ def encode_items(
                     states = rec.encode_after_prefix(prefix, batch) if prefix else rec.encode(batch)
                     parts.append(states.float().cpu())
                     bar.update(len(batch))
-                _atomic_save(
+                save_tensors(
                     {"item_ids": torch.tensor(ids, dtype=torch.long), TENSOR: torch.cat(parts)},
                     _chunk_path(chunks, c),
                 )

@@ -75,9 +75,11 @@ import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
@@ -434,3 +436,48 @@ def run_prompts(params: Params, paths: Paths, batch_size: int = 4096) -> dict[st
                 bar.update(batch.num_rows)
         counts[split] = n_rows
     return counts
+
+
+# ------------------------------------------------------------------ reading
+
+
+@dataclass
+class UserPrompts:
+    """One split's user prompts, in example order."""
+
+    example_ids: list[int]
+    user_ids: list[str]
+    conversations: list[list[dict[str, str]]]
+    histories: list[list[int]]
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def take(self, idx: Sequence[int]) -> UserPrompts:
+        return UserPrompts(*[[col[i] for i in idx] for col in (
+            self.example_ids, self.user_ids, self.conversations, self.histories, self.targets)])
+
+    def sample_users(self, n: int | None, seed: int) -> UserPrompts:
+        """Every example of `n` users drawn uniformly at random (seeded), in example
+        order; all of them when `n` is None or covers every user. The same seed gives
+        every method the same users, and no user is over-represented by time order."""
+        users = sorted(set(self.user_ids))
+        if n is None or n >= len(users):
+            return self
+        chosen = {users[i] for i in np.random.default_rng(seed).choice(len(users), size=n, replace=False)}
+        return self.take([i for i, u in enumerate(self.user_ids) if u in chosen])
+
+
+def load_user_prompts(paths: Paths, split: str) -> UserPrompts:
+    path = paths.user_prompts_file(split)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; run the prompts stage first (`dvc repro prompts`)")
+    t = pq.read_table(path).to_pydict()
+    return UserPrompts(
+        example_ids=[int(x) for x in t["example_id"]],
+        user_ids=list(t["user_id"]),
+        conversations=t["messages"],
+        histories=[list(h) for h in t["history_item_ids"]],
+        targets=[int(x) for x in t["target_item_id"]],
+    )

@@ -20,6 +20,7 @@ from rrec.tracking import configure
 
 log = logging.getLogger(__name__)
 
+MODEL_NAME = "recommender"  # the artifact path a trained run logs its MLflow model under
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 METRIC = "test_ndcg_at_10"
@@ -139,3 +140,13 @@ def promote_if_better(
     log.info("%s: version %d (%s=%.6g) is the champion now (was %s)",
              name, version, metric, challenger, current)
     return True
+
+
+def register_and_promote(run_id: str, category: str, tags: dict[str, str], root: Path | None = None) -> dict[str, object]:
+    """Register the model a training run logged as a version of `rrec-<category>` (alias
+    `challenger`) and make it `champion` only if its test NDCG@10 beats the champion's.
+    Returns {model, version, champion}: whether that version is the champion now."""
+    name = model_name(category)
+    version = register_run_model(run_id, MODEL_NAME, category, root, tags=tags)
+    promoted = promote_if_better(name, version, root=root)
+    return {"model": name, "version": version, "champion": promoted or champion_version(name, root) == version}

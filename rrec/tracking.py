@@ -180,6 +180,22 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str 
     mlflow.log_metrics(clean, step=step)
 
 
+def log_evaluation(
+    run_id: str, results: dict[str, dict[str, float]], samples: list[dict[str, Any]], report_file: Path,
+    root: Path | None = None,
+) -> None:
+    """A trained policy's evaluation into its training run: `<split>_<metric>` metrics, the
+    test reasoning samples as a table and the metrics file."""
+    import mlflow
+
+    configure(root)
+    with mlflow.start_run(run_id=run_id):
+        for split, m in results.items():
+            log_metrics(m, prefix=f"{split}_")
+        mlflow.log_table({k: [s[k] for s in samples] for k in samples[0]} if samples else {}, "test_reasoning_samples.json")
+        mlflow.log_artifact(str(report_file))
+
+
 def finished_runs_by_method(
     experiment: str, category: str, version: str | None = None, root: Path | None = None
 ) -> dict[str, dict[str, Any]]:

@@ -154,8 +154,9 @@ def check_items(project: Path, workdir: Path, dtype: str) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from rrec.items import load_item_table, run_items
+    from rrec.items import run_items
     from rrec.model.backbone import resolve_dtype
+    from rrec.model.item_table import load_item_table
 
     params, paths = load(project, dtype)
     reference = load_item_table(paths.item_table)
@@ -196,11 +197,12 @@ def run_steps(
     from accelerate.utils import set_seed
     from transformers import get_constant_schedule_with_warmup
 
-    from rrec.evaluate import load_user_prompts
-    from rrec.items import load_item_table, read_item_prompts
+    from rrec.items import read_item_prompts
     from rrec.model.backbone import resolve_dtype
-    from rrec.train.policy import new_policy
-    from rrec.train.rollout import make_engine
+    from rrec.model.generation import make_engine
+    from rrec.model.item_table import load_item_table
+    from rrec.model.loading import new_policy
+    from rrec.prompts import load_user_prompts
     from rrec.train.run import make_optimizer
     from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from rrec.train.rollout import HFEngine
+from rrec.model.generation import HFEngine
 from tests.tiny import conversations, tiny_recmodel
 
 STEPS = 6

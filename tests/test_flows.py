@@ -12,17 +12,14 @@ import gzip
 import json
 import os
 import shutil
-import socket
 import stat
 import sys
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import pipeline, retrain
@@ -258,8 +255,6 @@ def test_pipeline_runs_every_stage_in_order(
     assert result == {s: ("skipped" if s in ("download", "window") else "ran") for s in PIPELINE_STAGES}
     made = calls(fake_dvc)
     assert [c[0] for c in made] == [f"repro --single-item {s}" for s in PIPELINE_STAGES]
-    # every stage reports to the same Prefect API as the pipeline flow itself
-    assert {c[1] for c in made} == {PREFECT_API_URL.value()}
 
 
 def test_pipeline_retries_download_and_stops_at_a_failing_stage(
@@ -316,28 +311,6 @@ def test_run_streaming_throttles_progress_redraws() -> None:
     assert result.stderr_tail == ["bar done"]  # redraws are not part of the tail
     assert ("stderr", "bar 0") in seen and ("stderr", "bar 1") not in seen
     assert ("stderr", "bar done") in seen
-
-
-def test_repro_with_server_reuses_a_configured_api(
-    prefect_api: None, fake_dvc: Path
-) -> None:
-    assert pipeline.repro_with_server(["--dry"], fake_dvc) == 0
-    assert calls(fake_dvc) == [("repro --dry", PREFECT_API_URL.value())]
-
-
-@pytest.mark.slow
-def test_prefect_server_starts_and_stops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        with pipeline.prefect_server(startup_timeout_s=180) as url:
-            port = int(url.rsplit(":", 1)[1].split("/")[0])
-            with urllib.request.urlopen(f"{url}/health", timeout=10) as resp:
-                assert resp.status == 200
-    with socket.socket() as s:  # the server is gone: nothing listens on its port
-        assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
 # ---------------------------------------------------------- retraining, fake pipeline

@@ -19,18 +19,10 @@ import yaml
 
 from rrec.config import Params
 from rrec.data.schema import ITEM_PROMPTS
-from rrec.items import (
-    CHUNKS_DIR,
-    INDEX_FILE,
-    TABLE_FILE,
-    encode_items,
-    load_item_table,
-    read_item_prompts,
-    run_items,
-    update_rows,
-)
+from rrec.items import CHUNKS_DIR, encode_items, read_item_prompts, run_items
 from rrec.model import RecModel, build_backbone, load_model_and_tokenizer
-from rrec.model.wrapper import shared_prefix_length
+from rrec.model.item_table import INDEX_FILE, TABLE_FILE, load_item_table, update_rows
+from rrec.model.two_headed import shared_prefix_length
 from rrec.paths import Paths
 from tests.test_model import TINY, tiny_params, write_fixture_prompts
 

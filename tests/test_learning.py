@@ -21,8 +21,9 @@ from transformers import get_constant_schedule_with_warmup
 from rrec.config import TinyBackboneParams, parse_params
 from rrec.metrics import pad_histories, ranking_metrics, target_ranks
 from rrec.model.backbone import build_tiny_model
+from rrec.model.generation import HFEngine
 from rrec.model.tokenizer import train_tokenizer
-from rrec.model.wrapper import RecModel, score
+from rrec.model.two_headed import RecModel, score
 from rrec.train.loop import epoch_batches
 from rrec.train.objectives import (
     dedupe_targets,
@@ -32,7 +33,6 @@ from rrec.train.objectives import (
     item_loss,
     tied_group_fallback,
 )
-from rrec.train.rollout import HFEngine
 from rrec.train.steps import RecPOStep, StepContext
 
 TOPICS = [f"topic{chr(97 + i)}{chr(97 + (7 * i) % 26)}" for i in range(24)]

@@ -45,6 +45,7 @@ from rrec.model.backbone import (
     build_tiny_model,
     read_prompt_messages,
 )
+from rrec.model.loading import policy_from_adapter
 from rrec.model.pretrain import pack
 from rrec.model.tokenizer import (
     CHAT_TEMPLATE,
@@ -55,7 +56,6 @@ from rrec.model.tokenizer import (
     train_tokenizer,
 )
 from rrec.paths import Paths
-from rrec.train.policy import policy_from_adapter
 
 GENRES = {
     "racing": ["fast", "cars", "speed", "track", "drift", "turbo", "engine", "rally"],

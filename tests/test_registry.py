@@ -152,8 +152,8 @@ def test_an_unreachable_tracking_server_stops_a_stage_at_once_with_the_fix(tmp_p
 
     from rrec import tracking
     from rrec.config import parse_params
-    from rrec.evaluate import run_evaluate
     from rrec.paths import Paths
+    from rrec.stages.evaluate import evaluate_stage
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -165,4 +165,4 @@ def test_an_unreachable_tracking_server_stops_a_stage_at_once_with_the_fix(tmp_p
     assert f"127.0.0.1:{port}" in str(err.value) and time.monotonic() - started < 10
     # the evaluate stage checks before loading anything (no trained model exists here)
     with pytest.raises(tracking.TrackingUnavailable):
-        run_evaluate(parse_params({}), Paths(tmp_path), "contrastive")
+        evaluate_stage(parse_params({}), Paths(tmp_path), "contrastive")

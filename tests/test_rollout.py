@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rrec.train.rollout import HFEngine, make_engine
+from rrec.model.generation import HFEngine, make_engine
 from tests.tiny import conversations, tiny_recmodel
 
 

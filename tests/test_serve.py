@@ -16,9 +16,10 @@ from mlflow.exceptions import MlflowException
 from typer.testing import CliRunner
 
 from rrec.config import Params
-from rrec.evaluate import load_user_prompts
-from rrec.model.wrapper import score
+from rrec.model.loading import TRAIN_SUMMARY
+from rrec.model.two_headed import score
 from rrec.paths import Paths
+from rrec.prompts import load_user_prompts
 from rrec.serve import (
     Catalogue,
     Recommendation,
@@ -29,7 +30,6 @@ from rrec.serve import (
     serving_dir,
 )
 from rrec.serve.server import model_server
-from rrec.train.policy import TRAIN_SUMMARY
 from tests.conftest import TINY_OVERRIDES, write_params
 
 NOW = 1_700_000_000_000  # a fixed "now" (ms) keeps prompts, hence answers, reproducible

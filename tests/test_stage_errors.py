@@ -1,4 +1,4 @@
-"""A failing stage, run as DVC runs it (`python -m flows.run STAGE`), prints one message
+"""A failing stage, run as DVC runs it (`python -m rrec.stages.STAGE`), prints one message
 naming the setting and exits non-zero; the traceback only with RREC_DEBUG=1."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def failing_window(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_window(root: Path, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if k not in ("RREC_DEBUG", "PREFECT_API_URL")}
     return subprocess.run(
-        [sys.executable, "-m", "flows.run", "window", "--root", str(root)],
+        [sys.executable, "-m", "rrec.stages.window", "--root", str(root)],
         cwd=REPO, env={**environ, **env}, capture_output=True, text=True, timeout=300,
     )
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rrec.config import LoraParams
-from rrec.evaluate import run_evaluate
+from rrec.model.loading import TRAIN_SUMMARY
 from rrec.model.lora import apply_lora
-from rrec.model.wrapper import RecModel
+from rrec.model.two_headed import RecModel
+from rrec.stages.evaluate import evaluate_stage
 from rrec.train.objectives import contrastive_loss, inbatch_logprob, item_loss, token_loss
-from rrec.train.policy import TRAIN_SUMMARY
 from tests.tiny import conversations, tiny_recmodel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,11 +138,11 @@ def test_two_process_training_on_cpu(tiny_project, tmp_path, method, lora):
 
 def test_train_then_evaluate_writes_reports(project_copy):
     params, paths = project_copy
-    from rrec.train.run import run_train
+    from rrec.stages.train import train_stage
 
-    summary = run_train(params, paths, "contrastive")
+    summary = train_stage(params, paths, "contrastive")
     assert summary["steps"] == 6 and summary["best_step"] in (3, 6)
-    report = run_evaluate(params, paths, "contrastive")
+    report = evaluate_stage(params, paths, "contrastive")
     test = report["methods"]["contrastive"]["test"]
     assert set(test) >= {"hit@5", "ndcg@5", "hit@10", "ndcg@10", "hit@20", "ndcg@20"}
     assert 0 <= test["ndcg@10"] <= test["hit@10"] <= test["hit@20"] <= 1
@@ -160,8 +160,8 @@ def test_train_then_evaluate_writes_reports(project_copy):
 def test_recpo_starts_from_the_trained_contrastive_weights(tmp_path, lora):
     """train.recpo.init: contrastive loads the contrastive run's weights (full or LoRA)
     into the fresh policy; a missing run is a clear error naming the stage to run."""
+    from rrec.model.loading import ADAPTER_DIR, start_from_trained
     from rrec.model.lora import save_adapter
-    from rrec.train.policy import ADAPTER_DIR, start_from_trained
 
     def policy() -> RecModel:
         base = tiny_recmodel()

@@ -7,7 +7,7 @@ import random
 from rrec.config import TinyBackboneParams
 from rrec.model.backbone import build_tiny_model
 from rrec.model.tokenizer import train_tokenizer
-from rrec.model.wrapper import RecModel
+from rrec.model.two_headed import RecModel
 
 WORDS = "racing puzzle horror sports strategy shooter rating title buyers game console history item analyse recommend next".split()
 

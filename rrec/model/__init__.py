@@ -10,7 +10,7 @@ from rrec.model.backbone import (
 )
 from rrec.model.lora import apply_lora, load_adapter, save_adapter, trainable_parameters
 from rrec.model.tokenizer import ANSWER, CHAT_TEMPLATE, END_ANSWER, control_token_id
-from rrec.model.wrapper import RecModel, answer_positions, answer_rows, score
+from rrec.model.two_headed import RecModel, answer_positions, answer_rows, score
 
 __all__ = [
     "ANSWER",

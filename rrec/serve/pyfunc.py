@@ -41,11 +41,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from rrec import tracking
 from rrec.config import Params, load_params
+from rrec.model.loading import ADAPTER_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
 from rrec.paths import Paths
+from rrec.registry import MODEL_NAME
 from rrec.serve.recommend import DEFAULT_K, Recommender, RequestError, serving_files
-from rrec.train.policy import ADAPTER_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
 
-MODEL_NAME = "recommender"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 REQUEST_KEYS = ("history", "k", "now")
 _REQUIREMENTS = (

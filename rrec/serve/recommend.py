@@ -2,7 +2,7 @@
 
 For each history the user prompt is built with `rrec.prompts.user_messages` (titles from
 the catalogue), the policy writes its reasoning greedily and the user state `h_u` is read
-at `<answer>` in the same pass (`rrec.train.rollout.HFEngine`: `generate`, then one cached
+at `<answer>` in the same pass (`rrec.model.generation.HFEngine`: `generate`, then one cached
 `<answer>` step). A model trained without reasoning (`contrastive`) reads `h_u` at
 `<answer>` appended to the prompt. Every item is scored (cosine over tau), the history's
 items and removed items are masked, and the top K are returned with the reasoning text.
@@ -36,15 +36,15 @@ import torch
 from transformers import AutoTokenizer
 
 from rrec.config import Params
-from rrec.evaluate import policy_user_states
-from rrec.items import load_item_table, save_item_table, update_rows
 from rrec.metrics import mask_history, pad_histories
+from rrec.model.generation import policy_user_states
+from rrec.model.item_table import load_item_table, save_item_table, update_rows
+from rrec.model.loading import ADAPTER_DIR, TABLE_DIR, TRAIN_SUMMARY, policy_from_adapter
 from rrec.model.tokenizer import CONTROL_TOKENS
-from rrec.model.wrapper import RecModel, score
+from rrec.model.two_headed import RecModel, score
 from rrec.paths import Paths
 from rrec.prompts import user_messages
 from rrec.serve.catalogue import Catalogue
-from rrec.train.policy import ADAPTER_DIR, TABLE_DIR, TRAIN_SUMMARY, policy_from_adapter
 
 CATALOGUE_FILE = "items.parquet"
 SERVING_JSON = "serving.json"

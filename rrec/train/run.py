@@ -1,5 +1,5 @@
 """The `train` stage: set up the policy, data, optimiser and tracking, run the loop,
-and write `models/trained/<method>/` (see `rrec.train.policy`).
+and write `models/trained/<method>/` (see `rrec.model.loading`).
 
 Runs in one process or under `accelerate launch` (DDP over CPU/gloo or GPUs; a
 DeepSpeed ZeRO-2 config is in `configs/`). Only the main process writes files and
@@ -22,12 +22,10 @@ from accelerate.utils import set_seed
 from transformers import get_constant_schedule_with_warmup
 
 from rrec.config import Params
-from rrec.evaluate import evaluate_policy, item_titles, load_user_prompts, reasoning_samples
-from rrec.items import encode_items, load_item_table, read_item_prompts, save_item_table
-from rrec.model.lora import save_adapter
-from rrec.paths import Paths
-from rrec.train.loop import Checkpoints, LoopConfig, Progress, fingerprint, run_loop
-from rrec.train.policy import (
+from rrec.items import encode_items, read_item_prompts
+from rrec.model.generation import make_engine
+from rrec.model.item_table import load_item_table, save_item_table
+from rrec.model.loading import (
     ADAPTER_DIR,
     TABLE_DIR,
     TOKENIZER_DIR,
@@ -35,7 +33,11 @@ from rrec.train.policy import (
     new_policy,
     start_from_trained,
 )
-from rrec.train.rollout import make_engine
+from rrec.model.lora import save_adapter
+from rrec.paths import Paths
+from rrec.prompts import load_user_prompts
+from rrec.ranking import evaluate_policy, item_titles, reasoning_samples
+from rrec.train.loop import Checkpoints, LoopConfig, Progress, fingerprint, run_loop
 from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
 
 STEPS_LOG = "steps.jsonl"
@@ -230,7 +232,6 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
         summary: dict[str, Any] = {}
         if main:
             summary = _finish(params, paths, method, ctx, ckpt_dir, ckpt_dir / "best", progress, steps_log, started)
-            _log_model(params, paths, method, summary)
     accelerator.wait_for_everyone()
     return summary
 
@@ -266,19 +267,3 @@ def _finish(
     _write_csv(report_dir / "train_curves.csv", steps_log.read())
     _write_csv(report_dir / "valid_curves.csv", progress.evals)
     return summary
-
-
-def _log_model(params: Params, paths: Paths, method: str, summary: dict[str, Any]) -> None:
-    """Log the trained policy into its run as an MLflow pyfunc model ("recommender": the
-    backbone or its reference, the LoRA adapter, tokenizer, item table and catalogue), so
-    that a registered version loads and serves without the working tree; plus the curves."""
-    import mlflow
-
-    from rrec.serve.pyfunc import log_pyfunc
-
-    log_pyfunc(params, paths, method, run_id=summary["mlflow_run_id"])
-    mlflow.set_tags({"rrec.best_step": str(summary["best_step"]), "rrec.stopped": str(summary["stopped"])})
-    for name in ("train_curves.csv", "valid_curves.csv"):
-        f = paths.eval_report(method) / name
-        if f.exists():
-            mlflow.log_artifact(str(f))

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from rrec.config import Params
-from rrec.items import update_rows
 from rrec.metrics import pad_histories
-from rrec.model.wrapper import RecModel
+from rrec.model.generation import RolloutEngine
+from rrec.model.item_table import update_rows
+from rrec.model.two_headed import RecModel
 from rrec.train.distributed import gather_no_grad, gather_with_grad, share
 from rrec.train.objectives import (
     contrastive_loss,
@@ -31,7 +32,6 @@ from rrec.train.objectives import (
     tied_group_fallback,
     token_loss,
 )
-from rrec.train.rollout import RolloutEngine
 
 
 @dataclass

@@ -15,10 +15,10 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from rrec.config import Params
-from rrec.items import load_item_table
 from rrec.model.backbone import load_model_and_tokenizer
+from rrec.model.item_table import load_item_table
 from rrec.model.lora import apply_lora, load_adapter
-from rrec.model.wrapper import RecModel
+from rrec.model.two_headed import RecModel
 from rrec.paths import Paths
 
 ADAPTER_DIR = "adapter"

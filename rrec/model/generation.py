@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from rrec.model.last_layer import last_layer_only_at
-from rrec.model.wrapper import RecModel, position_ids_from_mask
+from rrec.model.two_headed import RecModel, position_ids_from_mask
 
 
 @dataclass
@@ -314,3 +315,40 @@ def make_engine(engine: str, *, temperature: float, top_k: int, max_new_tokens: 
             raise ValueError("the vllm engine needs the backbone reference (a Hub id or a local path)")
         return VLLMEngine(model_ref, temperature, top_k, max_new_tokens)
     raise ValueError(f"train.rollout.engine: unknown engine {engine!r} (hf or vllm)")
+
+
+def policy_user_states(
+    rec: RecModel,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    *,
+    reasoning: bool,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """User states [N, d] (float32, cpu) and the reasoning token ids of each user.
+
+    Batches are formed over prompts sorted by length, so padding stays small."""
+    prompts = rec.user_prompt_ids(conversations, answer=not reasoning)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    states = torch.empty(len(prompts), rec.hidden_size)
+    texts: list[list[int]] = [[] for _ in prompts]
+    engine = HFEngine(temperature=1.0, top_k=0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    was_training = rec.training
+    rec.eval()
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(order), batch_size), desc="user states", disable=not progress, leave=False):
+                idx = order[start : start + batch_size]
+                batch = [prompts[i] for i in idx]
+                if reasoning:
+                    roll = engine.generate(rec, batch, group_size=1, greedy=True)
+                    out = roll.user_states
+                    for j, i in enumerate(idx):
+                        texts[i] = roll.reasoning_ids[j]
+                else:
+                    out = rec.encode(batch).float().cpu()
+                states[idx] = out
+    finally:
+        rec.train(was_training)
+    return states, texts

@@ -1,5 +1,6 @@
-"""The `baselines` stage: SASRec, GRU4Rec and Caser, plus the popularity and random
-reference rows, each as one MLflow run; their test metrics in one JSON for DVC."""
+"""`python -m rrec.stages.baselines` (DVC stage `baselines`): SASRec, GRU4Rec and Caser,
+plus the popularity and random reference rows, each as one MLflow run; their test
+metrics in one JSON for DVC (`reports/eval/baselines.json`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import json
 from typing import Any
 
 from rrec import tracking
+from rrec.atomic import write_text
 from rrec.baselines.reference import run_references
 from rrec.baselines.train import run_baselines
 from rrec.config import Params
 from rrec.paths import Paths
+from rrec.stages import run
 
 
 def run_baselines_stage(params: Params, paths: Paths) -> dict[str, Any]:
@@ -31,9 +34,9 @@ def run_baselines_stage(params: Params, paths: Paths) -> dict[str, Any]:
             for split, metrics in by_split.items():
                 tracking.log_metrics(metrics, prefix=f"{split}_")
         report[name] = {"test": by_split["test"], "best_valid": by_split["valid"]}
-    out = paths.baselines_report
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    write_text(paths.baselines_report, json.dumps(report, indent=2) + "\n")
     return report
+
+
+if __name__ == "__main__":
+    run("baselines", run_baselines_stage)

@@ -1,0 +1,86 @@
+"""The pipeline's stages, one module each, run by `dvc.yaml` as `python -m rrec.stages.<stage>`.
+
+A stage module reads its inputs, calls library functions, writes its outputs and talks
+to MLflow through `rrec.tracking`; the computing lives in the library. `stage_main`
+gives every stage the same command line (`--params`, `--root`, `--method`), prints the
+time spent in the stage's work (`rrec-stage-compute <stage> <seconds>`, read by
+`benchmarks/orchestration_overhead.py`) and turns a failure into one message naming
+what failed and why, with exit status 1 (2 for a parameter file that cannot be used);
+`RREC_DEBUG=1` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rrec.config import ConfigError, load_params
+from rrec.paths import Paths
+
+COMPUTE_MARK = "rrec-stage-compute"
+DEBUG_ENV = "RREC_DEBUG"
+METHODS = ("contrastive", "recpo")
+
+
+def failure_message(stage: str, err: BaseException) -> str:
+    """The one message a failing stage prints: what failed and why (the exception's own
+    text names the file or setting and the fix)."""
+    text = str(err).strip() or repr(err)
+    return f"error: stage {stage} failed: {type(err).__name__}: {text}\n(set {DEBUG_ENV}=1 for the traceback)"
+
+
+def _release(err: BaseException) -> None:
+    """Drop the locals of the failed stage's frames before exit, when native extensions
+    (DuckDB's nanobind) would otherwise report every object they still hold as a leak."""
+    seen: set[int] = set()
+    exc: BaseException | None = err
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
+
+
+def parse_args(stage: str, argv: list[str] | None, with_method: bool) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=f"python -m rrec.stages.{stage}", description=f"The {stage} stage.")
+    ap.add_argument("--params", default="params.yaml", help="parameter file, relative to --root")
+    ap.add_argument("--root", default=".", help="project root holding data/, models/, reports/")
+    if with_method:
+        ap.add_argument("--method", required=True, choices=METHODS, help="the training method")
+    return ap.parse_args(argv)
+
+
+def stage_main(stage: str, work: Callable[..., Any], argv: list[str] | None = None, *, with_method: bool = False) -> int:
+    """Run `work(params, paths[, method])` as the stage `stage`; returns the exit status."""
+    args = parse_args(stage, argv, with_method)
+    name = f"{stage}@{args.method}" if with_method else stage
+    debug = bool(os.environ.get(DEBUG_ENV))
+    try:
+        params = load_params(Path(args.root) / args.params)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    paths = Paths(Path(args.root))
+    start = time.perf_counter()
+    try:
+        work(params, paths, args.method) if with_method else work(params, paths)
+    except Exception as err:
+        if debug:
+            raise
+        print(failure_message(name, err), file=sys.stderr, flush=True)
+        _release(err)
+        return 1
+    print(f"{COMPUTE_MARK} {name} {time.perf_counter() - start:.2f}", flush=True)
+    return 0
+
+
+def run(stage: str, work: Callable[..., Any], *, with_method: bool = False) -> None:
+    """`if __name__ == "__main__": run(...)` of a stage module."""
+    sys.exit(stage_main(stage, work, with_method=with_method))
