@@ -1,21 +1,18 @@
-"""What orchestration and tracking cost: `dvc repro` wall time against the sum of the
+"""What orchestration costs: plain `dvc repro -f` wall time against the sum of the
 stages' own compute.
 
-Each stage flow prints `rrec-stage-compute <stage> <seconds>`: the time spent inside
-the stage's rrec function (the work itself, MLflow logging included). Everything else
-in the wall time of the repro is orchestration: process start-up and imports, DVC
-(hashing, lock file), Prefect (flow runs, API calls) and the server start.
+Each stage module prints `rrec-stage-compute <stage> <seconds>`: the time spent in the
+stage's work (the library call, MLflow logging included). Everything else in the wall
+time of the repro is orchestration: a Python process per stage with its imports
+(torch, transformers, MLflow) and DVC (hashing, lock file).
 
-    python benchmarks/orchestration_overhead.py                 # forces a full repro here
-    python benchmarks/orchestration_overhead.py --no-stage-server   # ... each stage imports for itself
-    python benchmarks/orchestration_overhead.py --plain         # plain `dvc repro` (temporary servers)
+    python benchmarks/orchestration_overhead.py                 # forces a full `dvc repro -f` here
     python benchmarks/orchestration_overhead.py --log repro.log --wall 612.3   # parse a finished run
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -47,11 +44,6 @@ def report(compute: dict[str, float], wall: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=".", help="the project (a DVC repository)")
-    ap.add_argument("--plain", action="store_true", help="plain `dvc repro`: each stage starts a temporary Prefect server")
-    ap.add_argument(
-        "--no-stage-server", action="store_true",
-        help="without the stage server (flows/stage_server.py): every stage imports its libraries itself",
-    )
     ap.add_argument(
         "--keep-checkpoints", action="store_true",
         help="keep checkpoints/: a forced train stage then resumes from the finished run's last checkpoint "
@@ -65,13 +57,11 @@ def main() -> None:
             ap.error("--log needs --wall")
         print(report(stage_compute(Path(args.log).read_text()), args.wall))
         return
-    cmd = [sys.executable, "-m", "dvc", "repro", "-f"] if args.plain else [
-        sys.executable, "-m", "flows.pipeline", "repro", "-f"]
-    env = {**os.environ, "RREC_FORK_STAGES": "0"} if args.no_stage_server else None
+    cmd = [sys.executable, "-m", "dvc", "repro", "-f"]
     if not args.keep_checkpoints:
         shutil.rmtree(Path(args.root) / "checkpoints", ignore_errors=True)
     start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=args.root, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, cwd=args.root, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
