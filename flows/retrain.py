@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import pipeline
-from rrec.config import ConfigError, load_params
+from rrec.config import load_params
 from rrec.data.latest import latest_interaction_date
 from rrec.model.loading import TRAIN_SUMMARY
 from rrec.paths import Paths
@@ -37,53 +35,14 @@ DEPLOYMENT = "rrec-retrain"
 def run_dvc(args: Sequence[str], root: Path) -> None:
     """`dvc <args>` in `root`, output streamed to the Prefect logger; raises on failure.
 
-    The one place this flow touches DVC: tests replace it with a fake pipeline. A whole
-    `dvc repro` gets a stage server for its stages to fork from (flows/stage_server.py)."""
+    The one place this flow touches DVC: tests replace it with a fake pipeline."""
     pipeline.run_dvc(args, root)
 
 
-# ------------------------------------------------------------------ params.yaml edit
-
-_SCALAR = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"\\]|\\.)*\"|[^\s#]+")
-
-
-def set_window_end(params_path: str | Path, end: dt.date) -> bool:
-    """Set `data.window.end` in a params file to `end`; True if the file changed.
-
-    Only that value's characters are rewritten (in the quoting style it had), so
-    comments, key order and every other line stay exactly as they were."""
-    from ruamel.yaml import YAML
-
-    path = Path(params_path)
-    text = path.read_text()
-    doc = YAML().load(text)
-    try:
-        window = doc["data"]["window"]
-        line, col = window.lc.value("end")
-    except (KeyError, TypeError):
-        raise ConfigError(
-            f"{path}: has no data.window.end to update; add `end: 'YYYY-MM-DD'` under "
-            f"data.window"
-        ) from None
-    current = window["end"]
-    current_date = current if isinstance(current, dt.date) else dt.date.fromisoformat(str(current))
-    if current_date == end:
-        return False
-    lines = text.splitlines(keepends=True)
-    target = lines[line]
-    m = _SCALAR.match(target, col)
-    if m is None:
-        raise ConfigError(f"{path}:{line + 1}: cannot find the value of data.window.end")
-    token = m.group(0)
-    quote = token[0] if token[0] in "'\"" else ""
-    lines[line] = f"{target[: m.start()]}{quote}{end.isoformat()}{quote}{target[m.end():]}"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
-    written = load_params(path).data.window.end
-    if written != end:
-        raise ConfigError(f"{path}:{line + 1}: data.window.end reads {written} after the edit, not {end}")
-    return True
+def window_end_override(params_path: str, end: dt.date) -> str:
+    """The `dvc exp run -S` argument that sets `data.window.end` in `params_path`: quoted,
+    so that YAML reads a string (a bare date would reach DVC as a date object)."""
+    return f"{params_path}:data.window.end='{end.isoformat()}'"
 
 
 # ------------------------------------------------------------------------- tasks
@@ -104,18 +63,15 @@ def latest_date_task(root: str, params_path: str) -> dt.date:
     return latest_interaction_date(params, Paths(Path(root)))
 
 
-@task(name="set-window-end", cache_policy=NO_CACHE)
-def set_window_end_task(root: str, params_path: str, end: dt.date) -> bool:
-    return set_window_end(Path(root) / params_path, end)
-
-
 @task(name="reproduce", cache_policy=NO_CACHE)
-def reproduce_task(root: str) -> None:
-    run_dvc(["repro"], Path(root))
+def reproduce_task(root: str, params_path: str, end: dt.date) -> None:
+    """`dvc exp run -S`: the window moved to `end` (DVC edits params.yaml, keeping its
+    comments and quoting), the pipeline reproduced and recorded as a DVC experiment."""
+    run_dvc(["exp", "run", "-S", window_end_override(params_path, end)], Path(root))
 
 
-def _trained_run(root: Path, method: str) -> tuple[str, int | None]:
-    """(MLflow run id, registered version or None) from one method's train summary."""
+def _trained_run(root: Path, method: str) -> str:
+    """The MLflow run id of one method's training, from its train summary."""
     summary_path = Paths(root).trained(method) / TRAIN_SUMMARY
     if not summary_path.exists():
         raise FileNotFoundError(
@@ -126,38 +82,37 @@ def _trained_run(root: Path, method: str) -> tuple[str, int | None]:
     run_id = summary.get("mlflow_run_id")
     if not run_id:
         raise ValueError(f"{summary_path}: has no `mlflow_run_id`; train with MLflow tracking on")
-    version = summary.get("registered_version")
-    return run_id, None if version is None else int(version)
+    return run_id
 
 
 @task(name="register-best", cache_policy=NO_CACHE)
 def register_best_task(root: str, params_path: str, methods: list[str] | None) -> dict[str, Any]:
-    """Register the trained method with the best test NDCG@10 (unless the train stage
-    already did); returns its method, run id, version and metric."""
+    """Register the trained method with the best test NDCG@10 (the version the evaluate
+    stage registered, if it did); returns its method, run id, version and metric."""
     from rrec import registry
 
     root_path = Path(root)
     params = load_params(root_path / params_path)
     candidates = []
     for method in methods or params.train.methods:
-        run_id, version = _trained_run(root_path, method)
+        run_id = _trained_run(root_path, method)
         ndcg = registry.run_metric(run_id, registry.METRIC, root_path)
         if ndcg is None:
             raise ValueError(
                 f"MLflow run {run_id} (train@{method}) has no {registry.METRIC}; the evaluate "
                 f"stage logs it (run `dvc repro evaluate@{method}`)"
             )
-        candidates.append({"method": method, "run_id": run_id, "version": version, "ndcg": ndcg})
+        candidates.append({"method": method, "run_id": run_id, "ndcg": ndcg})
     best = max(candidates, key=lambda c: c["ndcg"])  # first listed method wins a tie
     get_run_logger().info(
         "test NDCG@10 by method: %s; challenger: %s",
         {c["method"]: round(c["ndcg"], 6) for c in candidates}, best["method"],
     )
-    if best["version"] is None:
-        best["version"] = registry.register_run_model(
-            best["run_id"], MODEL_ARTIFACT, params.data.category, root_path,
-            tags={"rrec.method": best["method"], "rrec.window_end": str(params.data.window.end)},
-        )
+    # a run that already has a version (the evaluate stage registers) gets that one back
+    best["version"] = registry.register_run_model(
+        best["run_id"], MODEL_ARTIFACT, params.data.category, root_path,
+        tags={"rrec.method": best["method"], "rrec.window_end": str(params.data.window.end)},
+    )
     return best
 
 
@@ -196,7 +151,8 @@ def retrain_flow(
     refresh_data: bool = True,
     methods: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Download, move `data.window.end` to the newest interaction, `dvc repro`, promote.
+    """Download, move `data.window.end` to the newest interaction and reproduce
+    (`dvc exp run -S`), promote.
 
     Of the trained `methods` (default: `train.methods` of the params), the one with the
     best test NDCG@10 is the challenger: it becomes a new version of `rrec-<category>`
@@ -210,12 +166,9 @@ def retrain_flow(
     logger = get_run_logger()
     download_task(root, refresh_data)
     end = latest_date_task(root, params_path)
-    if set_window_end_task(root, params_path, end):
-        logger.info("data.window.end moved to %s", end)
-    else:
-        logger.info("data.window.end is already %s", end)
+    logger.info("data.window.end: %s", end)
     before = champion_task(root, params_path)
-    reproduce_task(root)
+    reproduce_task(root, params_path, end)
     best = register_best_task(root, params_path, methods)
     outcome = promote_task(root, params_path, best["version"], before)
     logger.info(

@@ -13,18 +13,20 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import pipeline, retrain
 from flows.pipeline import StageFailed, pipeline_flow
-from flows.retrain import retrain_flow, set_window_end
+from flows.retrain import retrain_flow
 from rrec import registry
 from rrec.config import DataParams, Params, load_params
 from rrec.data.latest import latest_interaction_date
@@ -122,36 +124,33 @@ evaluate:
 """
 
 
-def test_set_window_end_changes_only_that_value(tmp_path: Path) -> None:
-    path = tmp_path / "params.yaml"
-    path.write_text(SMALL_PARAMS)
-    assert set_window_end(path, dt.date(2023, 6, 30)) is False
-    assert path.read_text() == SMALL_PARAMS
-    assert set_window_end(path, dt.date(2024, 2, 29)) is True
-    assert path.read_text() == SMALL_PARAMS.replace("'2023-06-30'", "'2024-02-29'")
-    assert load_params(path).data.window.end == dt.date(2024, 2, 29)
+def test_dvc_exp_run_moves_the_window_keeping_comments_and_quotes(tmp_path: Path) -> None:
+    """The retraining flow's `dvc exp run -S` argument, on a real DVC project: the date
+    stays a quoted string (a bare one would reach DVC as a date), comments stay."""
+    from dvc.repo import Repo
 
-
-def test_set_window_end_on_the_project_params(tmp_path: Path) -> None:
-    path = tmp_path / "params.yaml"
-    shutil.copy(REPO / "params.yaml", path)
-    before = path.read_text().splitlines(keepends=True)
-    old_end = load_params(path).data.window.end
-    new_end = old_end + dt.timedelta(days=45)
-    assert set_window_end(path, new_end) is True
-    (i,) = [i for i, line in enumerate(before) if line.strip().startswith("end:")]
-    expected = [*before[:i], before[i].replace(old_end.isoformat(), new_end.isoformat()),
-                *before[i + 1:]]
-    assert expected[i] != before[i]
-    assert path.read_text() == "".join(expected)
-    assert load_params(path).data.window.end == new_end
-
-
-def test_set_window_end_without_the_key(tmp_path: Path) -> None:
-    path = tmp_path / "params.yaml"
-    path.write_text("seed: 1\ndata:\n  category: Cat_A\n")
-    with pytest.raises(ValueError, match="data.window.end"):
-        set_window_end(path, dt.date(2024, 1, 1))
+    root = tmp_path / "exp"
+    root.mkdir()
+    (root / "params.yaml").write_text(SMALL_PARAMS)
+    (root / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: python -c \"import yaml; print(yaml.safe_load(open('params.yaml'))"
+        "['data']['window']['end'])\" > out.txt\n    params: [data.window.end]\n    outs: [out.txt]\n"
+    )
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    Repo.init(str(root)).close()
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
+    arg = retrain.window_end_override("params.yaml", dt.date(2024, 2, 29))
+    subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", arg], cwd=root, check=True,
+                   capture_output=True)
+    text = (root / "params.yaml").read_text()
+    expected = SMALL_PARAMS.replace("'2023-06-30'", "'2024-02-29'")
+    assert yaml.safe_load(text) == yaml.safe_load(expected)
+    assert "    end: '2024-02-29'  # moved by retraining\n" in text
+    assert [ln for ln in text.splitlines() if "#" in ln] == [ln for ln in expected.splitlines() if "#" in ln]
+    assert (root / "out.txt").read_text().strip() == "2024-02-29"
+    assert load_params(root / "params.yaml").data.window.end == dt.date(2024, 2, 29)
 
 
 # ---------------------------------------------------------------- pipeline, fake dvc
@@ -325,15 +324,17 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 class FakePipeline:
     """Stands in for `dvc`: download writes a raw file whose newest interaction is
-    `latest`; `dvc repro` "trains" every method (an MLflow run with test NDCG@10 from
-    `ndcg10` and a tiny adapter under the model artifact path) and writes their train
-    summaries."""
+    `latest`; `dvc exp run -S <params>:data.window.end='<date>'` sets the date in
+    params.yaml (as DVC does, the rest of the file untouched) and "trains" every method
+    (an MLflow run with test NDCG@10 from `ndcg10` and a tiny adapter under the model
+    artifact path), writing their train summaries; with `register_in_evaluate`, the
+    run's model is registered as the evaluate stage would."""
 
     def __init__(self, root: Path, exp_id: str) -> None:
         self.root, self.exp_id = root, exp_id
         self.latest = "2023-06-30"
         self.ndcg10 = {"contrastive": 0.0, "recpo": 0.0}
-        self.register_in_train = False
+        self.register_in_evaluate = False
         self.calls: list[list[str]] = []
 
     def __call__(self, args: Sequence[str], root: Path) -> None:
@@ -349,7 +350,12 @@ class FakePipeline:
                 "broken,line",
             ])
             return
-        assert list(args) == ["repro"]
+        assert list(args[:3]) == ["exp", "run", "-S"] and len(args) == 4, args
+        key, value = args[3].split("=", 1)
+        assert key == "params.yaml:data.window.end" and value[0] == value[-1] == "'", args
+        text = (root / "params.yaml").read_text()
+        (root / "params.yaml").write_text(text.replace(f"'{params.data.window.end}'", value))
+        params = load_params(root / "params.yaml")
         for method in params.train.methods:
             self.train(params, paths, method)
 
@@ -362,9 +368,8 @@ class FakePipeline:
             mlflow.log_artifacts(str(adapter), artifact_path=retrain.MODEL_ARTIFACT)
             mlflow.log_metric("test_ndcg_at_10", self.ndcg10[method])
         summary: dict[str, object] = {"method": method, "mlflow_run_id": run.info.run_id}
-        if self.register_in_train:
-            summary["registered_version"] = registry.register_run_model(
-                run.info.run_id, retrain.MODEL_ARTIFACT, params.data.category)
+        if self.register_in_evaluate:
+            registry.register_run_model(run.info.run_id, retrain.MODEL_ARTIFACT, params.data.category)
         paths.trained(method).mkdir(parents=True, exist_ok=True)
         (paths.trained(method) / "train_summary.json").write_text(json.dumps(summary))
 
@@ -391,7 +396,8 @@ def test_retrain_promotes_a_better_model(fake_pipeline: FakePipeline) -> None:
     fake, root = fake_pipeline, fake_pipeline.root
     fake.latest, fake.ndcg10 = "2023-09-14", {"contrastive": 0.10, "recpo": 0.08}
     first = retrain_flow(root=str(root))
-    assert fake.calls == [["repro", "--force", "download"], ["repro"]]
+    assert fake.calls == [["repro", "--force", "download"],
+                          ["exp", "run", "-S", "params.yaml:data.window.end='2023-09-14'"]]
     assert first["version"] == 1 and first["promoted"] is True
     assert first["method"] == "contrastive"  # the better of the two trained methods
     assert first["challenger_ndcg10"] == pytest.approx(0.10)
@@ -409,7 +415,8 @@ def test_retrain_promotes_a_better_model(fake_pipeline: FakePipeline) -> None:
 
     fake.latest, fake.ndcg10 = "2023-09-21", {"contrastive": 0.12, "recpo": 0.30}
     second = retrain_flow(root=str(root), refresh_data=False)
-    assert fake.calls[2:] == [["repro", "download"], ["repro"]]
+    assert fake.calls[2:] == [["repro", "download"],
+                              ["exp", "run", "-S", "params.yaml:data.window.end='2023-09-21'"]]
     assert second["version"] == 2 and second["promoted"] is True and second["method"] == "recpo"
     assert second["champion_ndcg10"] == pytest.approx(0.10)
     assert second["challenger_ndcg10"] == pytest.approx(0.30)
@@ -422,7 +429,7 @@ def test_retrain_keeps_the_champion_when_the_challenger_is_worse(
     fake_pipeline: FakePipeline,
 ) -> None:
     fake, root = fake_pipeline, fake_pipeline.root
-    fake.register_in_train = True  # the train stage registered: the flow uses its version
+    fake.register_in_evaluate = True  # the evaluate stage registered: the flow uses its version
     fake.ndcg10 = {"contrastive": 0.20, "recpo": 0.05}
     assert retrain_flow(root=str(root))["promoted"] is True
 
