@@ -1,15 +1,16 @@
 """Learning curves of one method on the current project, for diagnosis: trains with
-params.yaml plus overrides and prints, every `every` steps, valid NDCG@10 and Hit@10 on
+params.yaml plus overrides, set up exactly as the train stage sets it up
+(`rrec.train.build`), and prints, every `every` steps, valid NDCG@10 and Hit@10 on
 the whole valid split, the mean reasoning length, and how spread the item and user
 states are (mean 1 - cosine over all pairs; near 0 means the states have collapsed
 onto one direction). Nothing is written to the project.
 
     python benchmarks/learning_curves.py contrastive '{"steps": 300, "every": 50}'
-    python benchmarks/learning_curves.py recpo '{"steps": 150, "every": 50, "init": "models/trained/contrastive"}'
+    python benchmarks/learning_curves.py recpo '{"steps": 150, "every": 50}'   # from models/trained/contrastive
+    python benchmarks/learning_curves.py recpo '{"steps": 150, "train.recpo.init": "backbone"}'
     ROOT=/path/to/other/project python benchmarks/learning_curves.py contrastive '{"model.tau": 0.05}'
 
-Keys other than steps, every and init are dotted params overrides; init starts from a
-train stage's output (its weights), as train.recpo.init does.
+Keys other than steps and every are dotted params overrides.
 """
 
 import json
@@ -21,55 +22,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from transformers import get_constant_schedule_with_warmup
 
 from rrec.config import load_params
-from rrec.items import encode_items, read_item_prompts
-from rrec.model.generation import make_engine
-from rrec.model.loading import new_policy
+from rrec.items import encode_items
 from rrec.paths import Paths
 from rrec.prompts import load_user_prompts
 from rrec.ranking import evaluate_policy
+from rrec.train.build import build_training
 from rrec.train.loop import epoch_batches
-from rrec.train.run import make_optimizer
-from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
 
 method = sys.argv[1]
 ov = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
 steps = int(ov.pop("steps", 200))
 every = int(ov.pop("every", 50))
-init = ov.pop("init", None)
 
 ROOT = os.environ.get("ROOT", ".")
 params = load_params(ROOT + "/params.yaml", ov)
 paths = Paths(Path(ROOT))
-torch.manual_seed(params.train.seed)
-acc = Accelerator(cpu=True)
-rec = new_policy(params, paths)
-if init:
-    from rrec.model.loading import start_from_trained
-
-    start_from_trained(rec, Path(init))
-train = load_user_prompts(paths, "train")
+training, train = build_training(params, paths, method)
+rec = training.policy
 valid = load_user_prompts(paths, "valid")
-item_ids = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
-reasoning = method == "recpo"
-uid = rec.user_prompt_ids(train.conversations, answer=not reasoning)
-opt = make_optimizer(rec, params)
-sch = get_constant_schedule_with_warmup(opt, params.train.warmup_steps)
-model, opt = acc.prepare(rec, opt)
-ctx = StepContext(
-    accelerator=acc,
-    model=model,
-    optimizer=opt,
-    scheduler=sch,
-    params=params,
-    user_prompt_ids=uid,
-    histories=train.histories,
-    targets=train.targets,
-    item_prompt_ids=item_ids,
-)
+item_ids = training.ctx.item_prompt_ids
+reasoning = training.reasoning
+step_fn = training.step
 tmp = Path(tempfile.mkdtemp())
 
 
@@ -109,18 +84,8 @@ def ev(step):
 
 
 table = ev(0)
-if reasoning:
-    engine = make_engine(
-        "hf",
-        temperature=params.train.rollout.temperature,
-        top_k=params.train.rollout.top_k,
-        max_new_tokens=params.train.rollout.max_new_tokens,
-        model_ref="tiny",
-        batch_size=128,
-    )
-    step_fn = RecPOStep(ctx, engine, table.clone())
-else:
-    step_fn = ContrastiveStep(ctx)
+if step_fn.table is not None:
+    step_fn.table.copy_(table)  # as the train stage: the table re-encoded at every evaluation
 s = 0
 ep = 0
 t0 = time.time()
@@ -154,7 +119,7 @@ while s < steps:
             )
         if s % every == 0:
             tb = ev(s)
-            if reasoning:
+            if step_fn.table is not None:
                 step_fn.table.copy_(tb)
         if s >= steps:
             break

@@ -102,6 +102,8 @@ BUILD_OVERRIDES: dict[str, Any] = {
     "items.batch_size": 64,
     "items.chunk_size": 64,
 }
+# both trainers start from the backbone (TRL knows no contrastive starting point)
+FROM_BACKBONE = {"train.recpo.init": "backbone"}
 
 
 # ------------------------------------------------------------------ project
@@ -129,7 +131,7 @@ def build_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]
     from rrec.prompts import run_prompts
 
     root.mkdir(parents=True, exist_ok=True)
-    params = load_params(ROOT / "params.yaml", {**BUILD_OVERRIDES, **overrides})
+    params = load_params(ROOT / "params.yaml", {**BUILD_OVERRIDES, **FROM_BACKBONE, **overrides})
     (root / "params.yaml").write_text(
         yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
     )
@@ -145,7 +147,7 @@ def open_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]:
     if not params_file.exists():
         raise SystemExit(f"--project {root}: no params.yaml there; point it at a project root")
     paths = Paths(root)
-    params = load_params(params_file, overrides)
+    params = load_params(params_file, {**FROM_BACKBONE, **overrides})
     missing = [
         str(p)
         for p in (
@@ -271,54 +273,14 @@ class RecPORunner:
     def __init__(
         self, params: Params, paths: Paths, batches: list[np.ndarray], warmup: int
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-        from transformers import get_constant_schedule_with_warmup
-
-        from rrec.items import read_item_prompts
-        from rrec.model.generation import make_engine
-        from rrec.model.item_table import load_item_table
-        from rrec.model.loading import new_policy
-        from rrec.prompts import load_user_prompts
-        from rrec.train.run import make_optimizer
-        from rrec.train.steps import RecPOStep, StepContext
+        from rrec.train.build import build_training
 
         tp = params.train
-        accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
-        )
-        set_seed(tp.seed)
-        rec = new_policy(params, paths, device=accelerator.device)
-        train_users = load_user_prompts(paths, "train")
-        item_ids = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
-        user_ids = rec.user_prompt_ids(train_users.conversations, answer=False)
-        optimizer = make_optimizer(rec, params)
-        scheduler = get_constant_schedule_with_warmup(optimizer, tp.warmup_steps)
-        model, optimizer = accelerator.prepare(rec, optimizer)
-        table = load_item_table(paths.item_table)
-        ctx = StepContext(
-            accelerator=accelerator,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            params=params,
-            user_prompt_ids=user_ids,
-            histories=train_users.histories,
-            targets=train_users.targets,
-            item_prompt_ids=item_ids,
-        )
-        self.engine = RecordingEngine(
-            make_engine(
-                tp.rollout.engine,
-                temperature=tp.rollout.temperature,
-                top_k=tp.rollout.top_k,
-                max_new_tokens=tp.rollout.max_new_tokens,
-                model_ref=params.model.backbone,
-                batch_size=max(tp.micro_batch_size, 1) * tp.rollout.group_size,
-            ),
-            tp.rollout.max_new_tokens,
-        )
-        self.step_fn = RecPOStep(ctx, self.engine, table)
+        training, _ = build_training(params, paths, "recpo")
+        rec, step = training.policy, training.step
+        user_ids, table = training.ctx.user_prompt_ids, step.table
+        step.engine = self.engine = RecordingEngine(step.engine, tp.rollout.max_new_tokens)
+        self.step_fn = step
         self.batches, self.warmup = batches, warmup
         self.timing = Timing("RecPO")
         self.info = {

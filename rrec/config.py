@@ -43,7 +43,7 @@ class SampleParams(_Strict):
 
 
 class WindowParams(_Strict):
-    """Item cleaning, the temporal window and the split (SPEC section 1)."""
+    """Item cleaning, the temporal window and the split (the protocol: rrec/data/window.py)."""
 
     end: dt.date = dt.date(2023, 6, 30)
     months: int = Field(12, ge=1)

@@ -30,7 +30,7 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from rrec.atomic import write_text
+from rrec.atomic import remove_temporaries, write_text
 from rrec.config import Params
 from rrec.model.backbone import load_model_and_tokenizer
 from rrec.model.item_table import (
@@ -112,8 +112,7 @@ def _prepare_chunks(chunks: Path, fp: str, n_items: int, n_chunks: int) -> None:
         if old.get("fingerprint") != fp:
             shutil.rmtree(chunks)
         else:
-            for stale in chunks.glob(".*.tmp-*"):
-                stale.unlink(missing_ok=True)
+            remove_temporaries(chunks)  # chunks a killed process was writing
     chunks.mkdir(parents=True, exist_ok=True)
     write_text(manifest, json.dumps({"fingerprint": fp, "n_items": n_items, "n_chunks": n_chunks}, indent=2) + "\n")
 

@@ -1,4 +1,4 @@
-"""Full-ranking metrics with one relevant item per example (SPEC section 5).
+"""Full-ranking metrics with one relevant item per example (docs/method.md).
 
 Conventions, used everywhere in the project (evaluation, rewards, baselines):
 - the user's history items are masked (score -inf) before ranking; the window stage

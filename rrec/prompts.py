@@ -1,4 +1,4 @@
-"""User and item prompts as chat messages (SPEC section 2), and control-token safety.
+"""User and item prompts as chat messages (docs/method.md), and control-token safety.
 
 The prompts are model-independent: each is a list of chat messages
 ``[{"role": "user", "content": ...}]`` with no chat template applied and no system
@@ -53,7 +53,7 @@ Data fields are additionally collapsed to one line (all whitespace runs, newline
 included, become one space) so a title cannot forge a history line.
 
 Category words (``category_words``): Video_Games, CDs_and_Vinyl and
-Musical_Instruments use the SPEC's words. Any other name is split on ``_``, ``-`` and
+Musical_Instruments use fixed words. Any other name is split on ``_``, ``-`` and
 spaces; a word with two or more capitals (``CDs``, ``TV``) keeps its case, others are
 lower-cased; the joined words are the plural form. The singular form singularises
 the last word when the name has no ``and`` and that word is a plural whose singular is
@@ -70,11 +70,9 @@ it falls back to the plural form followed by ``item``. Gift_Cards -> ("gift card
 from __future__ import annotations
 
 import math
-import os
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +82,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from rrec.atomic import atomic_path
 from rrec.config import Params
 from rrec.data.schema import ITEM_PROMPTS, USER_PROMPTS
 from rrec.paths import SPLITS, Paths
@@ -306,18 +305,6 @@ def item_messages(item: Mapping[str, Any], category: str, max_words: int) -> lis
 # ------------------------------------------------------------------- stage
 
 
-@contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary sibling of `target` that replaces it only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _require(path: Path, needed: Sequence[str]) -> pq.ParquetFile:
     if not path.exists():
         raise FileNotFoundError(
@@ -418,7 +405,7 @@ def run_prompts(params: Params, paths: Paths, batch_size: int = 4096) -> dict[st
 
     counts: dict[str, int] = {}
     table = _item_prompts(items, items_path, category, max_words)
-    with _atomic_path(paths.item_prompts_file) as tmp:
+    with atomic_path(paths.item_prompts_file) as tmp:
         pq.write_table(table, tmp)
     counts["items"] = table.num_rows
 
@@ -427,7 +414,7 @@ def run_prompts(params: Params, paths: Paths, batch_size: int = 4096) -> dict[st
         pf = _require(split_path, _EXAMPLE_COLUMNS)
         n_rows = pf.metadata.num_rows
         with (
-            _atomic_path(paths.user_prompts_file(split)) as tmp,
+            atomic_path(paths.user_prompts_file(split)) as tmp,
             pq.ParquetWriter(tmp, USER_PROMPTS) as writer,
             tqdm(total=n_rows, desc=f"user prompts ({split})", unit="example") as bar,
         ):

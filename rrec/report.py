@@ -10,6 +10,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from rrec.atomic import atomic_path
 from rrec.config import Params
 from rrec.paths import Paths
 from rrec.tracking import data_version, finished_runs_by_method
@@ -62,11 +63,12 @@ def run_report(params: Params, paths: Paths) -> dict[str, Any]:
     paths.reports.mkdir(parents=True, exist_ok=True)
     md, csv_path = paths.reports / "comparison.md", paths.reports / "comparison.csv"
     title = f"Test metrics, {params.data.category} (data version {data_version(paths.root)})"
-    write_markdown(rows, md.with_suffix(".md.tmp"), title)
-    with open(csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    md.with_suffix(".md.tmp").replace(md)
-    csv_path.with_suffix(".csv.tmp").replace(csv_path)
+    # Both are written in full before either replaces its old version; the Markdown is
+    # renamed into place first (the inner block ends first), then the CSV.
+    with atomic_path(csv_path) as csv_tmp, atomic_path(md) as md_tmp:
+        write_markdown(rows, md_tmp, title)
+        with open(csv_tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     return {"methods": [r["method"] for r in rows], "markdown": str(md), "csv": str(csv_path)}

@@ -66,6 +66,7 @@ PREPARE_OVERRIDES: dict[str, Any] = {
     "train.warmup_steps": 1,
     "train.rollout.group_size": 4,
     "train.rollout.max_new_tokens": 16,
+    "train.recpo.init": "backbone",  # the check trains RecPO alone, from the backbone
 }
 
 
@@ -192,49 +193,14 @@ def run_steps(
 ) -> dict[str, Any]:
     """`steps` optimiser steps of `method`, set up as the train stage sets them up."""
     import numpy as np
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_constant_schedule_with_warmup
 
-    from rrec.items import read_item_prompts
     from rrec.model.backbone import resolve_dtype
-    from rrec.model.generation import make_engine
-    from rrec.model.item_table import load_item_table
-    from rrec.model.loading import new_policy
-    from rrec.prompts import load_user_prompts
-    from rrec.train.run import make_optimizer
-    from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
+    from rrec.train.build import build_training
 
     params, paths = load(project, dtype, engine)
     tp = params.train
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
-    )
-    set_seed(tp.seed)
-    rec = new_policy(params, paths, device=accelerator.device)
-    users = load_user_prompts(paths, "train")
-    reasoning = method == "recpo"
-    item_ids = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
-    user_ids = rec.user_prompt_ids(users.conversations, answer=not reasoning)
-    optimizer = make_optimizer(rec, params)
-    scheduler = get_constant_schedule_with_warmup(optimizer, tp.warmup_steps)
-    model, optimizer = accelerator.prepare(rec, optimizer)
-    ctx = StepContext(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, params=params,
-        user_prompt_ids=user_ids, histories=users.histories, targets=users.targets, item_prompt_ids=item_ids,
-    )  # fmt: skip
-    if reasoning:
-        # the tiny backbone is a folder of this project; a Hub id or path is its own reference
-        ref = str(paths.backbone) if params.model.backbone == "tiny" else params.model.backbone
-        eng = make_engine(
-            tp.rollout.engine, temperature=tp.rollout.temperature, top_k=tp.rollout.top_k,
-            max_new_tokens=tp.rollout.max_new_tokens, model_ref=ref,
-            batch_size=max(tp.micro_batch_size, 1) * tp.rollout.group_size,
-        )  # fmt: skip
-        step_fn: Any = RecPOStep(ctx, eng, load_item_table(paths.item_table))
-    else:
-        step_fn = ContrastiveStep(ctx)
+    training, users = build_training(params, paths, method)
+    accelerator, step_fn, reasoning = training.accelerator, training.step, training.reasoning
     b = tp.batch_size
     if len(users) < b * steps:
         raise RuntimeError(f"{len(users)} train examples; {steps} steps of {b} need {b * steps}")

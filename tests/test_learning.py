@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from transformers import get_constant_schedule_with_warmup
 
 from rrec.config import TinyBackboneParams, parse_params
 from rrec.metrics import pad_histories, ranking_metrics, target_ranks
@@ -24,6 +23,7 @@ from rrec.model.backbone import build_tiny_model
 from rrec.model.generation import HFEngine
 from rrec.model.tokenizer import train_tokenizer
 from rrec.model.two_headed import RecModel, score
+from rrec.train.build import assemble
 from rrec.train.loop import epoch_batches
 from rrec.train.objectives import (
     dedupe_targets,
@@ -33,7 +33,6 @@ from rrec.train.objectives import (
     item_loss,
     tied_group_fallback,
 )
-from rrec.train.steps import RecPOStep, StepContext
 
 TOPICS = [f"topic{chr(97 + i)}{chr(97 + (7 * i) % 26)}" for i in range(24)]
 FILLER = "likes games music books films sports puzzles racing".split()
@@ -94,19 +93,16 @@ def test_recpo_learns(max_new_tokens):
     reward rises and held-out NDCG@10 beats the untrained model's clearly."""
     rec, item_ids, user_ids, targets, params, engine = _setup(max_new_tokens)
     train, held = range(0, 320), range(320, 400)
-    acc = Accelerator(cpu=True)
-    opt = torch.optim.AdamW([p for p in rec.parameters() if p.requires_grad], lr=params.train.lr)
-    model, opt = acc.prepare(rec, opt)
-    ctx = StepContext(
-        accelerator=acc, model=model, optimizer=opt, scheduler=get_constant_schedule_with_warmup(opt, 0),
-        params=params, user_prompt_ids=[user_ids[i] for i in train], histories=[[] for _ in train],
-        targets=[targets[i] for i in train], item_prompt_ids=item_ids,
-    )  # fmt: skip
     held_users, held_targets = [user_ids[i] for i in held], [targets[i] for i in held]
     before = _heldout_ndcg(rec, item_ids, held_users, held_targets, engine)
     with torch.no_grad():
         table = rec.encode(item_ids).float()
-    step = RecPOStep(ctx, engine, table)
+    # set up by the train stage's own builder
+    step = assemble(
+        params, "recpo", rec, user_prompt_ids=[user_ids[i] for i in train], histories=[[] for _ in train],
+        targets=[targets[i] for i in train], item_prompt_ids=item_ids, table=table, engine=engine,
+        accelerator=Accelerator(cpu=True),
+    ).step
     rewards = []
     batches = [b for epoch in range(3) for b in epoch_batches(len(train), 16, 0, epoch)][:60]
     for i, batch in enumerate(batches):

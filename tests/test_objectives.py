@@ -1,4 +1,4 @@
-"""RecPO objectives against numbers worked out by hand from SPEC section 4."""
+"""RecPO objectives against numbers worked out by hand from the formulas of docs/method.md."""
 
 from __future__ import annotations
 

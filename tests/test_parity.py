@@ -1,6 +1,6 @@
-"""Parity with the SPEC's data protocol on a fixture small enough to work out by hand.
+"""Parity with the data protocol (rrec/data/window.py) on a fixture small enough to work out by hand.
 
-Every expected value below was derived on paper from SPEC section 1 (item cleaning,
+Every expected value below was derived on paper from that protocol (item cleaning,
 temporal window rolled back month by month, one interaction per (user, item), examples
 with the previous items as history, a global temporal 80/10/10 split at floor(0.8 N) and
 floor(0.9 N)), not by running the project. The derivation is in the comments.

@@ -55,7 +55,7 @@ def _csv_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
 
 
 def _item_valid(meta: dict[str, Any]) -> bool:
-    """SPEC section 1 item rules, restated independently of the window stage."""
+    """The item rules of rrec.data.clean, restated independently of the window stage."""
     title = meta.get("title")
     if not isinstance(title, str) or len(title.strip()) <= 1 or "<span id" in title:
         return False

@@ -217,7 +217,7 @@ def test_item_cleaning_rules_and_counts(tmp_path: Path) -> None:
 
 
 def test_title_words_are_counted_before_non_ascii_becomes_spaces(tmp_path: Path) -> None:
-    # SPEC order: unescape, strip quotes, count words; non-ASCII to spaces is prompt text
+    # the protocol's order: unescape, strip quotes, count words; non-ASCII to spaces is prompt text
     # cleaning. 20 words as written, 21 once "b\u00f4ru" is squashed to "b ru".
     title20 = ("Dragon Ball GT: Final Bout (Doragon b\u00f4ru GT: Fainaru Bauto) for "
                "PlayStation One Game Disc Import Version Complete Box Set")

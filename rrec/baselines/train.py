@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rrec.atomic import atomic_path
 from rrec.baselines.base import SequentialRecommender
 from rrec.baselines.data import SequenceData, left_pad, load_n_items, load_split
 from rrec.baselines.models import MODEL_NAMES, build_model, model_config
@@ -137,10 +137,8 @@ def train_epoch(
 
 def _save(obj: dict[str, Any], path: Path) -> None:
     """Write-then-rename, so an interrupted run never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def train_baseline(

@@ -1,4 +1,4 @@
-"""Item-metadata cleaning in DuckDB (SPEC section 1).
+"""Item-metadata cleaning in DuckDB (the rules of the window stage).
 
 The rules, in the order they are applied to one metadata line:
 
@@ -10,8 +10,8 @@ The rules, in the order they are applied to one metadata line:
    characters (newlines, tabs, ...) and non-ASCII characters to spaces, collapse runs of
    spaces, strip.
 5. `short_title`: the cleaned title has at most one character.
-6. `long_title`: the title has more than `max_title_words` words, counted in the SPEC's
-   order: on the unescaped title without tags and quotes, *before* non-ASCII characters
+6. `long_title`: the title has more than `max_title_words` words, counted in the
+   protocol's order: on the unescaped title without tags and quotes, *before* non-ASCII characters
    become spaces (that is text cleaning, for the prompt). A word is a run of characters
    that are neither Unicode separators (spaces, no-break spaces, ...) nor control
    characters, so "Doragon b\u00f4ru GT" is three words, as a reader counts them.

@@ -92,6 +92,8 @@ def _finish(url: str, part: Path, dest: Path, chunk_bytes: int) -> Path:
             f"{url}: downloaded file failed the integrity check: {problem}. "
             f"The bad partial file {part} was deleted; run the download again."
         )
+    # Not rrec.atomic: the `.part` file outlives a failed call on purpose (the next call
+    # resumes it with an HTTP Range request), so only this final rename is shared with it.
     os.replace(part, dest)
     return dest
 

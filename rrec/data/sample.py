@@ -1,7 +1,7 @@
 """The embedded sample catalogue: a synthetic category in the Amazon Reviews 2023 formats.
 
 `write_sample` writes, deterministically for a seed, the three files a real download
-of category `C` gives (SPEC section 1): the rating-only benchmark `C.csv.gz`, the raw
+of category `C` gives (the files `rrec.data.download` fetches): the rating-only benchmark `C.csv.gz`, the raw
 reviews `C.jsonl.gz` and the item metadata `meta_C.jsonl.gz`.
 
 Planted structure a recommender can learn:
@@ -34,7 +34,6 @@ import gzip
 import io
 import json
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from rrec.atomic import write_bytes
 from rrec.config import SampleParams
 from rrec.paths import Paths
 
@@ -874,13 +874,8 @@ def _interaction_lines(
 
 
 def _write_gzip(path: Path, lines: list[str]) -> None:
-    """Write `lines` gzipped, reproducibly (no name or time in the header), then rename into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write `lines` gzipped, reproducibly (no name or time in the header), atomically."""
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=6) as gz:
         gz.write(("\n".join(lines) + "\n").encode("utf-8"))
-    try:
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(path, buf.getvalue())

@@ -10,7 +10,7 @@ ITEMS = pa.schema(
     [
         ("item_id", pa.int32()),
         ("parent_asin", pa.string()),
-        ("title", pa.string()),  # cleaned per SPEC section 1
+        ("title", pa.string()),  # cleaned by rrec.data.clean
         ("description", pa.string()),  # cleaned, description[] joined with spaces ("" if none)
         ("features", pa.string()),  # cleaned, features[] joined with spaces ("" if none)
         ("store", pa.string()),  # cleaned ("" if none)
@@ -23,7 +23,7 @@ ITEMS = pa.schema(
     ]
 )
 
-# data/processed/{train,valid,test}.parquet — one row per example (SPEC section 1).
+# data/processed/{train,valid,test}.parquet — one row per example (rrec/data/window.py).
 # History is oldest first, at most `data.window.max_history` items; timestamps in ms.
 EXAMPLES = pa.schema(
     [

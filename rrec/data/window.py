@@ -1,4 +1,4 @@
-"""The `window` stage: clean items, cut the temporal window, build examples, split (SPEC section 1).
+"""The `window` stage: clean items, cut the temporal window, build examples, split.
 
 Everything runs in DuckDB over the gzip files; Python only sees the metadata strings
 that contain an HTML entity (see `rrec.data.clean`) and, at the end, the output rows on
@@ -84,6 +84,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from rrec.atomic import atomic_path, write_text
 from rrec.config import Params, WindowParams
 from rrec.data import clean
 from rrec.data.schema import EXAMPLES, ITEMS
@@ -679,18 +680,6 @@ def _wrong_types(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return {f: int(n) for f, n in zip(clean.TYPED_FIELDS, counts, strict=True)}
 
 
-def _publish(staging: Path, paths: Paths, stats: dict[str, Any]) -> None:
-    processed = paths.processed
-    if processed.exists():
-        shutil.rmtree(processed)
-    processed.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, processed)
-    paths.window_stats.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.window_stats.with_name(paths.window_stats.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, paths.window_stats)
-
-
 def _remove_outputs(paths: Paths) -> None:
     paths.window_stats.unlink(missing_ok=True)
     for f in [paths.items_file, *(paths.split_file(s) for s in SPLITS)]:
@@ -720,85 +709,86 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
     run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     spill_root = data_dir / ".duckdb_tmp"
     spill = spill_root / f"window-{run_id}"
-    staging = data_dir / f".window-{run_id}"
     phase = _Phases()
     con: duckdb.DuckDBPyConnection | None = None
     try:
         spill.mkdir(parents=True, exist_ok=True)
-        staging.mkdir(parents=True)
-        con = duckdb.connect(
-            ":memory:",
-            config={
-                "memory_limit": w.memory_limit,
-                "threads": w.threads,
-                "temp_directory": str(spill),
-                "preserve_insertion_order": False,
-            },
-        )
-        con.execute("SET enable_progress_bar = false")
-        clean.register(con)
-        end_excl = _ms(w.end + dt.timedelta(days=1))
-        with phase("read interactions and metadata, check items"):
-            counts, n_bad_rating = _read_both(
-                con, inter_path, fmt, meta_path, end_excl, w.max_title_words
+        # data/processed is written whole beside itself and replaces the old one only
+        # once every check has passed; a failure leaves no half-written directory.
+        with atomic_path(paths.processed) as staging:
+            staging.mkdir()
+            con = duckdb.connect(
+                ":memory:",
+                config={
+                    "memory_limit": w.memory_limit,
+                    "threads": w.threads,
+                    "temp_directory": str(spill),
+                    "preserve_insertion_order": False,
+                },
             )
-        for p, (lines, malformed) in counts.items():
-            check_malformed(p, lines, malformed, w.max_malformed_share)
+            con.execute("SET enable_progress_bar = false")
+            clean.register(con)
+            end_excl = _ms(w.end + dt.timedelta(days=1))
+            with phase("read interactions and metadata, check items"):
+                counts, n_bad_rating = _read_both(
+                    con, inter_path, fmt, meta_path, end_excl, w.max_title_words
+                )
+            for p, (lines, malformed) in counts.items():
+                check_malformed(p, lines, malformed, w.max_malformed_share)
 
-        with phase("drop duplicate metadata"):
-            drops = _clean_items(con)
-        drops["bad_rating"] = n_bad_rating
-        with phase("choose the window"):
-            start, rolled, n_valid, n_no_meta, reached = _choose_window(con, w, inter_path)
-        drops["no_metadata"] = n_no_meta
-        # Stop before the expensive steps when too much was bad data.
-        _check_dropped(_drop_stats(drops, counts, inter_path, w.max_dropped_share), inter_path,
-                       meta_path.name, w.max_dropped_share, final=False)
-        with phase("cut the window, drop duplicates"):
-            n_in, n_kept = _cut_window(con, _ms(start), end_excl)
-        drops["outside_window"] = n_valid - n_in
-        drops["duplicate_interactions"] = n_in - n_kept
-        with phase("k-core"):
-            drops["kcore"] = _kcore(con, w.kcore)
-        users, items, interactions = con.execute(
-            "SELECT count(DISTINCT user_id), count(DISTINCT parent_asin), count(*) FROM win"
-        ).fetchall()[0]
-        n_examples = int(interactions - users)  # every interaction but each user's first
-        if n_examples == 0:
-            raise WindowError(
-                f"{inter_path}: the window {start} .. {w.end} yields no example (no user has "
-                f"two interactions in it after cleaning); move data.window.end or lower "
-                f"data.window.kcore"
-            )
-        sizes = split_sizes(n_examples, w.split)
-        with phase("write examples and items"):
-            wrong_type = _write_outputs(con, staging, paths, sizes, w.max_history)
+            with phase("drop duplicate metadata"):
+                drops = _clean_items(con)
+            drops["bad_rating"] = n_bad_rating
+            with phase("choose the window"):
+                start, rolled, n_valid, n_no_meta, reached = _choose_window(con, w, inter_path)
+            drops["no_metadata"] = n_no_meta
+            # Stop before the expensive steps when too much was bad data.
+            _check_dropped(_drop_stats(drops, counts, inter_path, w.max_dropped_share), inter_path,
+                           meta_path.name, w.max_dropped_share, final=False)
+            with phase("cut the window, drop duplicates"):
+                n_in, n_kept = _cut_window(con, _ms(start), end_excl)
+            drops["outside_window"] = n_valid - n_in
+            drops["duplicate_interactions"] = n_in - n_kept
+            with phase("k-core"):
+                drops["kcore"] = _kcore(con, w.kcore)
+            users, items, interactions = con.execute(
+                "SELECT count(DISTINCT user_id), count(DISTINCT parent_asin), count(*) FROM win"
+            ).fetchall()[0]
+            n_examples = int(interactions - users)  # every interaction but each user's first
+            if n_examples == 0:
+                raise WindowError(
+                    f"{inter_path}: the window {start} .. {w.end} yields no example (no user has "
+                    f"two interactions in it after cleaning); move data.window.end or lower "
+                    f"data.window.kcore"
+                )
+            sizes = split_sizes(n_examples, w.split)
+            with phase("write examples and items"):
+                wrong_type = _write_outputs(con, staging, paths, sizes, w.max_history)
 
-        stats: dict[str, Any] = {
-            "category": category,
-            "users": int(users),
-            "items": int(items),
-            "interactions": int(interactions),
-            "train": sizes[0],
-            "valid": sizes[1],
-            "test": sizes[2],
-            "examples": n_examples,
-            "window_start": start.isoformat(),
-            "window_end": w.end.isoformat(),
-            "months_rolled_back": rolled,
-            "min_items_reached": reached,
-            **_drop_stats(drops, counts, inter_path, w.max_dropped_share),
-            "wrong_type": wrong_type,
-        }
-        _check_dropped(stats, inter_path, meta_path.name, w.max_dropped_share, final=True)
-        _publish(staging, paths, stats)
+            stats: dict[str, Any] = {
+                "category": category,
+                "users": int(users),
+                "items": int(items),
+                "interactions": int(interactions),
+                "train": sizes[0],
+                "valid": sizes[1],
+                "test": sizes[2],
+                "examples": n_examples,
+                "window_start": start.isoformat(),
+                "window_end": w.end.isoformat(),
+                "months_rolled_back": rolled,
+                "min_items_reached": reached,
+                **_drop_stats(drops, counts, inter_path, w.max_dropped_share),
+                "wrong_type": wrong_type,
+            }
+            _check_dropped(stats, inter_path, meta_path.name, w.max_dropped_share, final=True)
+        write_text(paths.window_stats, json.dumps(stats, indent=2) + "\n")
         print(f"[window] done in {phase.total():.2f} s: {users} users, {items} items, "
               f"{n_examples} examples", flush=True)
         return stats
     finally:
         if con is not None:
             con.close()
-        shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(spill, ignore_errors=True)
         try:
             spill_root.rmdir()

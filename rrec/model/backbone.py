@@ -23,9 +23,7 @@ near the model's own reading of their spelling, and differ from each other.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from rrec.atomic import atomic_path
 from rrec.config import Params, TinyBackboneParams
 from rrec.model.chat import chat_ids
 from rrec.model.pretrain import pack, perplexity, pretrain
@@ -289,14 +288,10 @@ def _save_dir(
     out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, metrics: dict[str, Any]
 ) -> None:
     """Write to a sibling directory and swap it in, so a crash never leaves half a backbone."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / PRETRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / PRETRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 # ------------------------------------------------------------ foreign models

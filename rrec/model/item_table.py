@@ -94,7 +94,7 @@ def update_rows(
     """Replace rows `item_ids` of `table` in place with `rows` (detached); returns `table`.
 
     Adding an item is appending a row (`torch.cat`), deleting one is dropping it; this
-    is the in-place refresh of SPEC section 4 step 5. With repeated ids the last write
+    is the in-place refresh after each RecPO step (docs/method.md). With repeated ids the last write
     wins, which is harmless when they come from the same prompt.
     """
     ids = torch.as_tensor(item_ids, dtype=torch.long, device=table.device).flatten()

@@ -1,4 +1,4 @@
-"""`RecModel`: one causal LM with the two heads of SPEC section 3.
+"""`RecModel`: one causal LM with two heads (docs/method.md).
 
 - the language-modelling head is the backbone's own `lm_head`;
 - the recommendation head reads the final-layer hidden state (after the final norm,

@@ -1,4 +1,4 @@
-"""The catalogue a `Recommender` serves, and updating it without retraining (SPEC section 3:
+"""The catalogue a `Recommender` serves, and updating it without retraining (docs/method.md:
 adding, deleting or replacing items is adding, deleting or replacing rows of `H`).
 
 `Catalogue` is the items table of the window stage (`rrec.data.schema.ITEMS`, row i =
@@ -17,7 +17,6 @@ encodes an item: the item prompt with the assistant turn pre-filled with `<answe
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from rrec.atomic import atomic_path
 from rrec.data.schema import ITEMS
 from rrec.data.window import check_malformed, clean_meta_file
 from rrec.prompts import item_messages
@@ -85,10 +85,8 @@ class Catalogue:
 
     def write(self, path: Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        pq.write_table(pa.Table.from_pylist(self.rows, schema=CATALOGUE_SCHEMA), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(pa.Table.from_pylist(self.rows, schema=CATALOGUE_SCHEMA), tmp)
         return path
 
     # ------------------------------------------------------------- lookup

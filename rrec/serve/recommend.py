@@ -1,4 +1,4 @@
-"""Recommend for user histories with a trained R²ec policy (SPEC section 3).
+"""Recommend for user histories with a trained R²ec policy (docs/method.md).
 
 For each history the user prompt is built with `rrec.prompts.user_messages` (titles from
 the catalogue), the policy writes its reasoning greedily and the user state `h_u` is read

@@ -1,7 +1,7 @@
-"""RecPO mathematics as pure tensor functions (SPEC section 4).
+"""RecPO mathematics as pure tensor functions (docs/method.md).
 
 Nothing here touches a model: the trainer runs the forward passes and hands these
-functions hidden states and log-probabilities. Shapes, using the SPEC's names:
+functions hidden states and log-probabilities. Shapes, using the names of docs/method.md:
 
 - B users per batch, G trajectories per user, N = B*G trajectories (groups contiguous,
   user b owns rows b*G .. b*G+G-1), T generated tokens per trajectory;
@@ -125,7 +125,7 @@ def group_advantages(r: torch.Tensor, group_size: int, kind: AdvantageKind = "gr
       (its `nanstd` applies the same correction). A group of equal rewards gets zeros.
     - "rloo": A_i = R_i - mean_{j != i} R_j = G/(G-1) * (R_i - mean(R)).
       (The authors' code used R_i*(1+1/G) - mean(R), which is not leave-one-out; the
-      SPEC's formula is the one implemented.)
+      formula of docs/method.md is the one implemented.)
     - group_size 1: no baseline can be formed, every advantage is 0.
     """
     if r.dim() != 1:

@@ -1,5 +1,6 @@
-"""The `train` stage: set up the policy, data, optimiser and tracking, run the loop,
-and write `models/trained/<method>/` (see `rrec.model.loading`).
+"""Training a method end to end: the setup of `rrec.train.build`, the `Trainer`
+(evaluate, save the best, log) in the loop of `rrec.train.loop`, and the trained model
+written to `models/trained/<method>/` (see `rrec.model.loading`).
 
 Runs in one process or under `accelerate launch` (DDP over CPU/gloo or GPUs; a
 DeepSpeed ZeRO-2 config is in `configs/`). Only the main process writes files and
@@ -17,42 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from transformers import get_constant_schedule_with_warmup
 
 from rrec.config import Params
-from rrec.items import encode_items, read_item_prompts
-from rrec.model.generation import make_engine
-from rrec.model.item_table import load_item_table, save_item_table
-from rrec.model.loading import (
-    ADAPTER_DIR,
-    TABLE_DIR,
-    TOKENIZER_DIR,
-    TRAIN_SUMMARY,
-    new_policy,
-    start_from_trained,
-)
+from rrec.items import encode_items
+from rrec.model.item_table import save_item_table
+from rrec.model.loading import ADAPTER_DIR, TABLE_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
 from rrec.model.lora import save_adapter
 from rrec.paths import Paths
 from rrec.prompts import load_user_prompts
 from rrec.ranking import evaluate_policy, item_titles, reasoning_samples
+from rrec.train.build import METHODS, Training, build_training
 from rrec.train.loop import Checkpoints, LoopConfig, Progress, fingerprint, run_loop
-from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
 
 STEPS_LOG = "steps.jsonl"
-
-
-def make_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; bitsandbytes' paged 8-bit AdamW on a GPU
-    when it is installed (the paper's memory setting)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if torch.cuda.is_available():
-        with contextlib.suppress(ImportError):
-            import bitsandbytes as bnb
-
-            return bnb.optim.PagedAdamW8bit(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay)
-    return torch.optim.AdamW(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay)
 
 
 class _StepLog:
@@ -101,40 +79,87 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
+class Trainer:
+    """A training in the loop's terms: `step`, `evaluate` (every `train.eval_every` steps,
+    on the seeded valid users, with a freshly encoded item table), `save_best` and `log`.
+    Only the main process writes files and talks to MLflow."""
+
+    def __init__(self, params: Params, paths: Paths, training: Training, ckpt_dir: Path, steps_log: _StepLog) -> None:
+        tp = params.train
+        self.params, self.paths, self.training, self.ckpt_dir, self.steps_log = params, paths, training, ckpt_dir, steps_log
+        self.main = training.accelerator.is_main_process
+        # the same seeded users for every method and every evaluation (all by default)
+        self.valid_users = load_user_prompts(paths, "valid").sample_users(tp.eval_max_users, params.seed)
+        self.titles = item_titles(paths)
+        self.eval_table: torch.Tensor | None = None
+
+    def step(self, batch: Any, step: int) -> dict[str, float]:
+        return self.training.step(batch, step)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        from rrec import tracking
+
+        if self.main:
+            tracking.log_metrics(scalars, step=step)
+            if not any(k.startswith("valid_") for k in scalars):
+                self.steps_log.append({"step": step, **scalars})
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        params, training = self.params, self.training
+        policy = training.policy
+        self.eval_table = encode_items(
+            policy, training.ctx.item_prompt_ids, self.ckpt_dir / "eval_table", batch_size=params.items.batch_size,
+            chunk_size=params.items.chunk_size,
+            meta={"backbone": params.model.backbone, "adapter": f"{training.method}@{step}"},
+        )
+        if training.step.table is not None:  # the whole table is re-encoded before every evaluation
+            training.step.table.copy_(self.eval_table)
+        metrics, details = evaluate_policy(
+            policy, self.eval_table, self.valid_users, reasoning=training.reasoning, ks=params.evaluate.ks,
+            max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size, progress=self.main,
+        )
+        policy.train()
+        if self.main and params.train.eval_samples:
+            import mlflow
+
+            rows = reasoning_samples(policy, self.eval_table, self.valid_users, details, self.titles,
+                                     n=params.train.eval_samples)
+            mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, f"reasoning/step_{step:06d}.json")
+        return metrics
+
+    def save_best(self, step: int) -> None:
+        if not self.main:
+            return
+        assert self.eval_table is not None, "save_best follows an evaluation"
+        best, tmp = self.ckpt_dir / "best", self.ckpt_dir / ".best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(self.training.policy.lm, tmp / ADAPTER_DIR)
+        save_item_table(self.eval_table, tmp / TABLE_DIR, backbone=self.params.model.backbone,
+                        adapter=f"{self.training.method}@{step}")
+        (tmp / "best.json").write_text(json.dumps({"step": step}) + "\n")
+        old = self.ckpt_dir / ".best.old"
+        if best.exists():
+            best.rename(old)
+        tmp.rename(best)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None) -> dict[str, Any]:
     """Train `method` ("contrastive" or "recpo"); resumes from its newest checkpoint."""
     from rrec import tracking
 
-    if method not in ("contrastive", "recpo"):
+    if method not in METHODS:
         raise ValueError(f"unknown training method {method!r}; expected contrastive or recpo")
     tracking.require_reachable(paths.root)
     started = time.monotonic()
     tp = params.train
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    training, train_users = build_training(params, paths, method)
+    accelerator = training.accelerator
     main = accelerator.is_main_process
-    set_seed(tp.seed)
-
-    rec = new_policy(params, paths, device=accelerator.device)
-    start = paths.trained("contrastive") if method == "recpo" and tp.recpo.init == "contrastive" else None
-    if start is not None:
-        start_from_trained(rec, start)
-    train_users = load_user_prompts(paths, "train")
-    # the same seeded users for every method and every evaluation (all by default)
-    valid_users = load_user_prompts(paths, "valid").sample_users(tp.eval_max_users, params.seed)
-    titles = item_titles(paths)
-    item_ids = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
-    reasoning = method == "recpo"
-    user_ids = rec.user_prompt_ids(train_users.conversations, answer=not reasoning)
-
-    optimizer = make_optimizer(rec, params)
-    scheduler = get_constant_schedule_with_warmup(optimizer, tp.warmup_steps)
-    model, optimizer = accelerator.prepare(rec, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    table_ref: dict[str, torch.Tensor] = {}
-    if reasoning:
-        table_ref["train"] = load_item_table(start / TABLE_DIR if start is not None else paths.item_table)
+    accelerator.register_for_checkpointing(training.ctx.scheduler)
+    if training.step.table is not None:
         # the training table changes every step (refreshed rows): it is part of the checkpoint
-        accelerator.register_for_checkpointing(_TensorState(table_ref["train"]))
+        accelerator.register_for_checkpointing(_TensorState(training.step.table))
 
     ckpt_dir = paths.checkpoints(method) / fingerprint(
         method, params.model.model_dump(mode="json"), tp.model_dump(mode="json"),
@@ -150,21 +175,7 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
             print(f"resuming {method} from {found[0]} (step {progress.step})")
     steps_log = _StepLog(ckpt_dir / STEPS_LOG, main)
     steps_log.truncate(progress.step)
-
-    ctx = StepContext(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, params=params,
-        user_prompt_ids=user_ids, histories=train_users.histories, targets=train_users.targets,
-        item_prompt_ids=item_ids,
-    )
-    if reasoning:
-        engine = make_engine(
-            tp.rollout.engine, temperature=tp.rollout.temperature, top_k=tp.rollout.top_k,
-            max_new_tokens=tp.rollout.max_new_tokens, model_ref=params.model.backbone,
-            batch_size=max(tp.micro_batch_size, 1) * tp.rollout.group_size,
-        )
-        step_fn: Any = RecPOStep(ctx, engine, table_ref["train"])
-    else:
-        step_fn = ContrastiveStep(ctx)
+    trainer = Trainer(params, paths, training, ckpt_dir, steps_log)
 
     run_cm = (
         tracking.start_run(
@@ -177,67 +188,24 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
     with run_cm as run:
         if main:
             progress.mlflow_run_id = run.info.run_id
-
-        def log_fn(scalars: dict[str, float], step: int) -> None:
-            if main:
-                tracking.log_metrics(scalars, step=step)
-                if not any(k.startswith("valid_") for k in scalars):
-                    steps_log.append({"step": step, **scalars})
-
-        def eval_fn(step: int) -> dict[str, float]:
-            policy = ctx.policy
-            table = encode_items(
-                policy, item_ids, ckpt_dir / "eval_table", batch_size=params.items.batch_size,
-                chunk_size=params.items.chunk_size, meta={"backbone": params.model.backbone, "adapter": f"{method}@{step}"},
-            )
-            table_ref["eval"] = table
-            if reasoning:  # SPEC: the whole table is re-encoded before every evaluation
-                table_ref["train"].copy_(table)
-            metrics, details = evaluate_policy(
-                policy, table, valid_users, reasoning=reasoning, ks=params.evaluate.ks,
-                max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size,
-                progress=main,
-            )
-            policy.train()
-            if main and tp.eval_samples:
-                import mlflow
-
-                rows = reasoning_samples(policy, table, valid_users, details, titles, n=tp.eval_samples)
-                mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, f"reasoning/step_{step:06d}.json")
-            return metrics
-
-        def on_best(step: int) -> None:
-            if not main:
-                return
-            best, tmp = ckpt_dir / "best", ckpt_dir / ".best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_adapter(ctx.policy.lm, tmp / ADAPTER_DIR)
-            save_item_table(table_ref["eval"], tmp / TABLE_DIR, backbone=params.model.backbone, adapter=f"{method}@{step}")
-            (tmp / "best.json").write_text(json.dumps({"step": step}) + "\n")
-            old = ckpt_dir / ".best.old"
-            if best.exists():
-                best.rename(old)
-            tmp.rename(best)
-            shutil.rmtree(old, ignore_errors=True)
-
         cfg = LoopConfig(
             n_examples=len(train_users), batch_size=tp.batch_size, epochs=tp.epochs, max_steps=tp.steps_for(method),
             eval_every=tp.eval_every, checkpoint_every=tp.checkpoint_every, patience=tp.patience, seed=tp.seed,
         )
         progress = run_loop(
-            cfg, accelerator, checkpoints, step_fn, eval_fn, on_best, log_fn, progress=progress,
-            should_stop=should_stop,
+            cfg, accelerator, checkpoints, trainer.step, trainer.evaluate, trainer.save_best, trainer.log,
+            progress=progress, should_stop=should_stop,
         )
         accelerator.wait_for_everyone()
         summary: dict[str, Any] = {}
         if main:
-            summary = _finish(params, paths, method, ctx, ckpt_dir, ckpt_dir / "best", progress, steps_log, started)
+            summary = _finish(params, paths, method, training, ckpt_dir / "best", progress, steps_log, started)
     accelerator.wait_for_everyone()
     return summary
 
 
 def _finish(
-    params: Params, paths: Paths, method: str, ctx: StepContext, ckpt_dir: Path, best: Path,
+    params: Params, paths: Paths, method: str, training: Training, best: Path,
     progress: Progress, steps_log: _StepLog, started: float,
 ) -> dict[str, Any]:
     out = paths.trained(method)
@@ -245,7 +213,7 @@ def _finish(
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(best / ADAPTER_DIR, tmp / ADAPTER_DIR)
     shutil.copytree(best / TABLE_DIR, tmp / TABLE_DIR)
-    ctx.policy.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+    training.policy.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     best_eval = next((e for e in progress.evals if e["step"] == progress.best_step), {})
     summary = {
         "method": method,
@@ -255,7 +223,7 @@ def _finish(
         "stopped": progress.stopped,
         "best_valid": {k: v for k, v in best_eval.items() if k != "step"},
         "mlflow_run_id": progress.mlflow_run_id,
-        "world_size": ctx.world,
+        "world_size": training.ctx.world,
         "seconds_this_process": round(time.monotonic() - started, 1),
     }
     (tmp / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""One optimiser step of each method: the contrastive baseline and RecPO (SPEC section 4).
+"""One optimiser step of each method: the contrastive baseline and RecPO (docs/method.md).
 
 Both take the indices of the *global* batch; each process works on its share of the
 users and encodes its share of the batch's (deduplicated) target items, and the item
@@ -16,7 +16,7 @@ import torch
 
 from rrec.config import Params
 from rrec.metrics import pad_histories
-from rrec.model.generation import RolloutEngine
+from rrec.model.generation import Rollout, RolloutEngine
 from rrec.model.item_table import update_rows
 from rrec.model.two_headed import RecModel
 from rrec.train.distributed import gather_no_grad, gather_with_grad, share
@@ -100,6 +100,8 @@ class ContrastiveStep:
     """In-batch softmax cross-entropy between `h_u` at `<answer>` appended to the user
     prompt (no reasoning) and the batch's target item states (paper eq. 1)."""
 
+    table = None  # no item table: the in-batch targets are encoded at every step
+
     def __init__(self, ctx: StepContext) -> None:
         self.ctx = ctx
 
@@ -122,9 +124,30 @@ class ContrastiveStep:
         }
 
 
+@dataclass
+class Experience:
+    """What RecPO collects for one global batch before it updates: the rollout
+    (sequences, old log-probabilities, user states), rewards with their parts,
+    advantages, and the old in-batch item log-probabilities of the targets."""
+
+    rollout: Rollout
+    local: list[int]  # this process's train examples
+    rewards: torch.Tensor  # [B*G] fused reward
+    reward_d: torch.Tensor  # [B*G] discrete (NDCG) part
+    reward_c: torch.Tensor  # [B*G] continuous (softmax) part
+    advantages: torch.Tensor  # [B*G]
+    group_index: torch.Tensor  # [B*G] the user (group) of each trajectory
+    items: list[int]  # the global batch's unique target items
+    mine: list[int]  # this process's share of them
+    target_index: torch.Tensor  # [B*G] column of each trajectory's target in `items`
+    old_item_logprob: torch.Tensor  # [B*G] log pi_old(target | x, o), in-batch softmax
+    inbatch_reward: torch.Tensor  # [B*G] the reward formula over the batch's targets
+
+
 class RecPOStep:
     """Sample G reasonings per user, reward them against the full catalogue, and update
-    the token term on every trajectory plus the item term on the best ones."""
+    the token term on every trajectory plus the item term on the best ones; in two
+    phases, `collect` then `update`, as GRPO trainers read."""
 
     def __init__(self, ctx: StepContext, engine: RolloutEngine, table: torch.Tensor) -> None:
         self.ctx = ctx
@@ -132,34 +155,48 @@ class RecPOStep:
         self.table = table  # [n_items, d], rows of trained targets refreshed after each step
 
     def __call__(self, batch: np.ndarray, step: int) -> dict[str, float]:
+        return self.update(self.collect(batch))
+
+    @torch.no_grad()
+    def collect(self, batch: np.ndarray) -> Experience:
+        """Sample (1), reward (2) and advantage (3) for the global `batch`."""
+        ctx = self.ctx
+        p = ctx.params
+        tp = p.train.recpo
+        device = ctx.accelerator.device
+        local = ctx.local_users(batch)
+        g = p.train.rollout.group_size
+
+        roll = self.engine.generate(ctx.policy, [ctx.user_prompt_ids[i] for i in local], group_size=g, greedy=False)
+        targets = torch.tensor([ctx.targets[i] for i in local for _ in range(g)])
+        history = pad_histories([ctx.histories[i] for i in local for _ in range(g)])
+        users = roll.user_states.to(device)
+        r, r_d, r_c = rewards(
+            users, self.table.to(device), targets.to(device), history.to(device), p.model.tau, tp.beta, tp.ndcg_cutoff,
+        )
+        # pi_old(target | x, o): in-batch softmax with item states of the policy that sampled
+        items, column, mine = ctx.batch_targets(batch)
+        target_index = torch.tensor([column[int(t)] for t in targets], device=device)
+        old_items = ctx.encode_items_no_grad(items, mine).to(device)
+        return Experience(
+            rollout=roll, local=local, rewards=r, reward_d=r_d, reward_c=r_c,
+            advantages=group_advantages(r, g, tp.advantage),
+            group_index=torch.arange(len(local), device=device).repeat_interleave(g),
+            items=items, mine=mine, target_index=target_index,
+            old_item_logprob=inbatch_logprob(users, old_items, target_index, p.model.tau),
+            inbatch_reward=inbatch_reward(users, old_items, target_index, p.model.tau, tp.beta),
+        )
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        """The token term over every trajectory (4a) and the item term on the selected
+        ones (4b), one optimiser step, then the batch's table rows refreshed (5)."""
         ctx = self.ctx
         p = ctx.params
         rp, tp = p.train.rollout, p.train.recpo
         policy = ctx.policy
         device = ctx.accelerator.device
-        local = ctx.local_users(batch)
-        g = rp.group_size
-
-        # 1. sample
-        roll = self.engine.generate(policy, [ctx.user_prompt_ids[i] for i in local], group_size=g, greedy=False)
-        n = len(roll.reasoning_ids)
-        targets = torch.tensor([ctx.targets[i] for i in local for _ in range(g)])
-        history = pad_histories([ctx.histories[i] for i in local for _ in range(g)])
-
-        # 2. reward, 3. advantage
-        r, r_d, r_c = rewards(
-            roll.user_states.to(device), self.table.to(device), targets.to(device), history.to(device),
-            p.model.tau, tp.beta, tp.ndcg_cutoff,
-        )
-        adv = group_advantages(r, g, tp.advantage)
-        group_index = torch.arange(len(local), device=device).repeat_interleave(g)
-
-        # pi_old(target | x, o): in-batch softmax with item states of the policy that sampled
-        items, column, mine = ctx.batch_targets(batch)
-        target_index = torch.tensor([column[int(t)] for t in targets], device=device)
-        old_items = ctx.encode_items_no_grad(items, mine).to(device)
-        old_item_lp = inbatch_logprob(roll.user_states.to(device), old_items, target_index, p.model.tau)
-        r_inbatch = inbatch_reward(roll.user_states.to(device), old_items, target_index, p.model.tau, tp.beta)
+        roll, adv = exp.rollout, exp.advantages
+        n, g = len(roll.reasoning_ids), rp.group_size
 
         # 4a. token term over every trajectory, in micro-batches (global token mean)
         seqs = roll.sequences(policy.answer_token_id)
@@ -183,30 +220,30 @@ class RecPOStep:
 
         # 4b. item term on the top-advantage trajectory of each group (tied groups: see
         # tied_group_fallback)
-        item_adv = tied_group_fallback(adv, r, g, tp.tie_item_advantage)
-        sel = select_topk(item_adv, group_index, tp.item_topk).nonzero().flatten().tolist()
-        sel_seqs = [seqs[i] for i in sel] + [ctx.item_prompt_ids[i] for i in mine]
+        item_adv = tied_group_fallback(adv, exp.rewards, g, tp.tie_item_advantage)
+        sel = select_topk(item_adv, exp.group_index, tp.item_topk).nonzero().flatten().tolist()
+        sel_seqs = [seqs[i] for i in sel] + [ctx.item_prompt_ids[i] for i in exp.mine]
         ids, mask = policy.pad(sel_seqs)
         states = ctx.model(ids, mask)
-        users, item_states = states[: len(sel)], gather_with_grad(states[len(sel) :], ctx.world)[: len(items)]
+        users, item_states = states[: len(sel)], gather_with_grad(states[len(sel) :], ctx.world)[: len(exp.items)]
         i_loss, i_stats = item_loss(
-            users, item_states, target_index[sel], group_index[sel], item_adv[sel], old_item_lp[sel],
+            users, item_states, exp.target_index[sel], exp.group_index[sel], item_adv[sel], exp.old_item_logprob[sel],
             p.model.tau, tp.eps_low, tp.eps_high, topk=tp.item_topk,
         )
         ctx.accelerator.backward(i_loss)
         grad_norm = ctx.optimiser_step()
 
         # 5. refresh the rows of this batch's target items
-        fresh = ctx.encode_items_no_grad(items, mine).cpu()
-        update_rows(self.table, items, fresh)
+        fresh = ctx.encode_items_no_grad(exp.items, exp.mine).cpu()
+        update_rows(self.table, exp.items, fresh)
         self.engine.sync_weights(policy)
 
         lengths = torch.tensor(roll.lengths, dtype=torch.float32)
         return {
-            "reward": ctx.mean(r.mean()),
-            "reward_d": ctx.mean(r_d.mean()),
-            "reward_c": ctx.mean(r_c.mean()),
-            "inbatch_reward": ctx.mean(r_inbatch.mean()),
+            "reward": ctx.mean(exp.rewards.mean()),
+            "reward_d": ctx.mean(exp.reward_d.mean()),
+            "reward_c": ctx.mean(exp.reward_c.mean()),
+            "inbatch_reward": ctx.mean(exp.inbatch_reward.mean()),
             "adv_mean": ctx.mean(adv.mean()),
             "adv_std": ctx.mean(adv.std()) if n > 1 else 0.0,
             "adv_abs_mean": ctx.mean(adv.abs().mean()),
