@@ -17,21 +17,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from rrec.metrics import mask_history, ndcg_from_ranks, target_ranks
+from rrec.model.two_headed import score
 
 AdvantageKind = Literal["grpo", "rloo"]
 TokenAverage = Literal["global", "sequence"]
 
 GRPO_STD_EPS = 1e-8
-
-
-def _cosine_scores(users: torch.Tensor, items: torch.Tensor, tau: float) -> torch.Tensor:
-    """[N, d] x [M, d] -> [N, M] float32 cosine similarities divided by tau."""
-    u = F.normalize(users.float(), dim=-1)
-    v = F.normalize(items.float(), dim=-1)
-    return u @ v.T / tau
 
 
 def _check_1d(name: str, t: torch.Tensor, n: int) -> None:
@@ -97,7 +90,7 @@ def rewards(
     _check_tau(tau)
 
     device = user_states.device
-    items = F.normalize(item_table.to(device).float(), dim=-1)
+    items = item_table.to(device)
     targets = targets.to(device)
     history = history.to(device)
     chunk = max(1, max_chunk_elements // max(n_items, 1))
@@ -105,8 +98,7 @@ def rewards(
     r_c = torch.empty(n, dtype=torch.float32, device=device)
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
-        users = F.normalize(user_states[sl].float(), dim=-1)
-        scores = mask_history(users @ items.T / tau, history[sl])
+        scores = mask_history(score(user_states[sl], items, tau), history[sl])
         ranks = target_ranks(scores, targets[sl])
         r_d[sl] = ndcg_from_ranks(ranks, ndcg_cutoff).float()
         r_c[sl] = scores.softmax(dim=-1).gather(1, targets[sl].view(-1, 1)).squeeze(1)
@@ -284,7 +276,7 @@ def inbatch_logprob(
     m = target_states.shape[0]
     if target_index.numel() and (target_index.min() < 0 or target_index.max() >= m):
         raise ValueError(f"target_index must lie in [0, {m}) (the rows of target_states)")
-    logits = _cosine_scores(user_states, target_states, tau)
+    logits = score(user_states, target_states, tau)
     return logits.log_softmax(dim=-1).gather(1, target_index.view(-1, 1)).squeeze(1)
 
 
@@ -298,7 +290,7 @@ def inbatch_reward(
     Every term is scored with item states the current policy has just encoded, so unlike
     the full-catalogue reward (scored against a table refreshed a few rows at a time) it
     is comparable from one step to the next: the training curve to watch."""
-    logits = _cosine_scores(user_states, target_states, tau)
+    logits = score(user_states, target_states, tau)
     ranks = target_ranks(logits, target_index)
     prob = logits.softmax(dim=-1).gather(1, target_index.view(-1, 1)).squeeze(1)
     return (1.0 - beta) * ndcg_from_ranks(ranks, logits.shape[1]).float() + beta * prob
