@@ -169,6 +169,9 @@ def _updated(params: str, root: str, method: str, out: Path | None, change: Any,
         except (FileNotFoundError, RuntimeError, TrackingUnavailable) as err:
             raise _fail(f"{err} (the change is saved in {target})") from None
         report["alias"] = publish
+    else:
+        report["note"] = ("saved for `rrec recommend` only; a model served by MLflow is unchanged until "
+                          "published (--publish ALIAS)")
     typer.echo(json.dumps(report))
 
 

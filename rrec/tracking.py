@@ -35,6 +35,9 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{db}"
 
 
+HTTP_RETRIES = 2
+
+
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached; the message says which and what to do."""
 
@@ -81,9 +84,15 @@ def require_reachable(root: Path | None = None, timeout_s: float = 5.0) -> str:
 
 def configure(root: Path | None = None) -> str:
     """Point MLflow at the project's store (checked with `require_reachable`); returns
-    the tracking URI."""
+    the tracking URI.
+
+    A tracking server that goes away in the middle of a stage fails the stage's next
+    MLflow call after 2 retries (seconds, not MLflow's default of 7 retries, minutes);
+    checkpoints and the reports written before it stay on disk.
+    `MLFLOW_HTTP_REQUEST_MAX_RETRIES` overrides this."""
     import mlflow
 
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
     uri = require_reachable(root)
     store_dir(root).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

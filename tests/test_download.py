@@ -427,3 +427,27 @@ def test_read_timeout_is_not_reported_as_connecting(server: Server, tmp_path: Pa
     assert "while connecting" not in msg
     assert "sent no response for 0.2 s (read timeout" in msg
     assert info.value.transient is True
+
+
+def test_the_download_stage_fails_once_on_a_404_with_one_message(server: Server, tmp_path: Path) -> None:
+    """`python -m rrec.stages.download` as DVC runs it: a 404 is asked once (no retries
+    by the stage or anything around it), one `error:` line, exit status 1."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    tree = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    tree["data"].update({"source": "amazon2023", "category": "Toy_Cat", "base_url": server.base, "retries": 3})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    done = subprocess.run(
+        [sys.executable, "-m", "rrec.stages.download", "--root", str(tmp_path)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert [line for line in out.splitlines() if line.startswith("error:")] == [
+        line for line in out.splitlines() if "HTTP 404" in line
+    ], out
+    assert "stage download failed" in out and "Traceback" not in out
+    assert len(server.requests) == 1, server.requests

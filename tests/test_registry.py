@@ -163,6 +163,52 @@ def test_an_unreachable_tracking_server_stops_a_stage_at_once_with_the_fix(tmp_p
     with pytest.raises(tracking.TrackingUnavailable, match="MLFLOW_TRACKING_URI") as err:
         tracking.require_reachable(tmp_path)
     assert f"127.0.0.1:{port}" in str(err.value) and time.monotonic() - started < 10
-    # the evaluate stage checks before loading anything (no trained model exists here)
-    with pytest.raises(tracking.TrackingUnavailable):
-        evaluate_stage(parse_params({}), Paths(tmp_path), "contrastive")
+    # the stages that log check before loading anything (nothing exists here)
+    from rrec.stages.baselines import run_baselines_stage
+    from rrec.train.run import run_train
+
+    for stage in (lambda p, paths: evaluate_stage(p, paths, "contrastive"), run_baselines_stage,
+                  lambda p, paths: run_train(p, paths, "recpo")):
+        started = time.monotonic()
+        with pytest.raises(tracking.TrackingUnavailable):
+            stage(parse_params({}), Paths(tmp_path))
+        assert time.monotonic() - started < 10
+
+
+def test_a_tracking_server_failing_mid_stage_fails_in_seconds(tmp_path, monkeypatch) -> None:
+    """The server answered the stage's start check, then fails every call (HTTP 503):
+    the next MLflow call gives up after `tracking.HTTP_RETRIES` retries, in seconds
+    (MLflow's default, 7 retries with exponential back-off, takes minutes)."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rrec import tracking
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            ok = self.path.startswith("/health")
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b"no")
+
+        do_GET = do_POST = _answer  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+        tracking.configure(tmp_path)
+        started = time.monotonic()
+        with pytest.raises(Exception):  # noqa: B017 - MLflow's own error, whatever its type
+            tracking.ensure_experiment("rrec", tmp_path)
+        assert time.monotonic() - started < 30
+    finally:
+        server.shutdown()
+        server.server_close()

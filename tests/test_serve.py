@@ -321,7 +321,8 @@ def test_cli_recommend_and_catalogue(trained, base: Recommender, histories, tmp_
     out = tmp_path / "updates"
     removed = runner.invoke(app, ["catalogue", "remove", "--asin", asin, "--out", str(out), "--root", str(paths.root)])
     assert removed.exit_code == 0, removed.output
-    assert json.loads(removed.stdout.strip().splitlines()[-1])["removed"] == [3]
+    report = json.loads(removed.stdout.strip().splitlines()[-1])
+    assert report["removed"] == [3] and "--publish ALIAS" in report["note"]
     meta_file = tmp_path / "new.jsonl.gz"
     with gzip.open(meta_file, "wt") as f:
         f.write(json.dumps({**_raw_meta(paths, params, asin), "parent_asin": "CLI0000001"}) + "\n")

@@ -249,7 +249,7 @@ def test_text_cleaning_spaces_every_control_and_non_ascii_character() -> None:
     assert cleaned('say "hi" \\ ok') == 'say "hi" \\ ok'
 
 
-def test_wrongly_typed_metadata_fields_are_counted(tmp_path: Path) -> None:
+def test_wrongly_typed_metadata_fields_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     meta_lines = [
         meta("T1", "Features string", features="not a list", rating_number="1,234"),
         meta("T2", "Mixed list", features=["ok", 7, {"k": 1}], categories=["Toys", None],
@@ -264,6 +264,9 @@ def test_wrongly_typed_metadata_fields_are_counted(tmp_path: Path) -> None:
         "description": 1, "features": 2, "categories": 0, "store": 1, "main_category": 1,
         "average_rating": 1, "rating_number": 2,
     }
+    printed = capsys.readouterr()
+    assert ("items kept with a field of the wrong type, read as missing: description 1, features 2, store 1, "
+            "main_category 1, average_rating 1, rating_number 2") in printed.out + printed.err
     items = items_by_asin(Paths(tmp_path))
     assert len(items) == 4  # a wrong field is missing, not a reason to drop the item
     assert (items["T1"]["features"], items["T1"]["rating_number"]) == ("", None)
