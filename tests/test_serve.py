@@ -341,7 +341,7 @@ def test_pyfunc_logged_and_reloaded_answers_like_the_api(
 ):
     import mlflow
 
-    from rrec.serve.pyfunc import log_pyfunc
+    from rrec.serve.pyfunc import load_recommender, log_pyfunc
 
     params, paths = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
@@ -355,7 +355,7 @@ def test_pyfunc_logged_and_reloaded_answers_like_the_api(
     assert [[i["item_id"] for i in g["items"]] for g in got] == [_ids(e) for e in expected]
     assert got[0]["reasoning"] == expected[0].reasoning
     assert [i["score"] for i in got[0]["items"]] == pytest.approx([i.score for i in expected[0].items], abs=1e-4)
-    inner = Recommender.from_mlflow(uri)
+    inner = load_recommender(uri)
     assert _ids(inner.recommend([histories[0]], k=5, now_ms=NOW)[0]) == _ids(expected[0])
     for bad, message in [
         ([{"history": [10**6]}], "unknown item id"),

@@ -134,6 +134,14 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
 # ------------------------------------------------------------------- logging
 
 
+def load_recommender(model_uri: str) -> Recommender:
+    """The `Recommender` inside an MLflow model logged by `log_pyfunc`."""
+    inner = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    if not isinstance(inner, RecommenderModel) or inner.recommender is None:
+        raise TypeError(f"{model_uri}: not an rrec recommender model (log it with rrec.serve.pyfunc)")
+    return inner.recommender
+
+
 def _requirements() -> list[str]:
     out = []
     for name in _REQUIREMENTS:

@@ -257,18 +257,6 @@ class Recommender:
             device=device,
         )
 
-    @classmethod
-    def from_mlflow(cls, model_uri: str) -> Recommender:
-        """The recommender inside an MLflow model logged by `rrec.serve.pyfunc.log_pyfunc`."""
-        import mlflow
-
-        from rrec.serve.pyfunc import RecommenderModel
-
-        inner = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-        if not isinstance(inner, RecommenderModel) or inner.recommender is None:
-            raise TypeError(f"{model_uri}: not an rrec recommender model (log it with rrec.serve.pyfunc)")
-        return inner.recommender
-
     # ---------------------------------------------------------------- saving
 
     def save(self, directory: Path) -> Path:
