@@ -217,7 +217,7 @@ class RecPOParams(_Strict):
     ndcg_cutoff: int = Field(1000, ge=1)
     # a cap on RecPO's optimiser steps on top of train.max_steps: a RecPO step samples
     # group_size reasonings per user, so it costs many contrastive steps
-    max_steps: int | None = Field(100, ge=1)
+    max_steps: int | None = Field(50, ge=1)
 
 
 class TrainParams(_Strict):
@@ -232,7 +232,7 @@ class TrainParams(_Strict):
     batch_size: int = Field(16, ge=2)
     micro_batch_size: int = Field(32, ge=1)
     epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(300, ge=1)
+    max_steps: int | None = Field(600, ge=1)
     eval_every: int = Field(50, ge=1)
     # validation during training: every example of this many seeded random users
     # (null: the whole valid split)
