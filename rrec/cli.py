@@ -162,11 +162,9 @@ def _updated(params: str, root: str, method: str, out: Path | None, change: Any,
     report = {**update.as_dict(), "n_items": rec.n_items, "n_removed": rec.catalogue.n_removed, "saved_to": str(target)}
     if publish:
         from rrec.serve.pyfunc import publish_catalogue
-        from rrec.tracking import TrackingUnavailable
-
         try:
             report["published"] = publish_catalogue(p, paths, method, target, publish)
-        except (FileNotFoundError, RuntimeError, TrackingUnavailable) as err:
+        except (FileNotFoundError, RuntimeError) as err:  # TrackingUnavailable is a RuntimeError
             raise _fail(f"{err} (the change is saved in {target})") from None
         report["alias"] = publish
     else:

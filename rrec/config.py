@@ -220,6 +220,9 @@ class RecPOParams(_Strict):
     max_steps: int | None = Field(50, ge=1)
 
 
+METHODS = ("contrastive", "recpo")  # the LLM training methods; dvc.yaml trains them in this order
+
+
 class TrainParams(_Strict):
     # the methods `dvc repro` evaluates (one `evaluate@<method>` stage each; dvc.yaml
     # trains both, recpo after contrastive since it may start from it);

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -70,6 +71,18 @@ def register_run_model(
 
 def set_alias(name: str, alias: str, version: int | str, root: Path | None = None) -> None:
     _client(root).set_registered_model_alias(name, alias, str(version))
+
+
+def tag_version(name: str, version: int | str, key: str, value: str, root: Path | None = None) -> None:
+    _client(root).set_model_version_tag(name, str(version), key, value)
+
+
+def model_version_by_alias(name: str, alias: str, root: Path | None = None) -> ModelVersion | None:
+    """The model version `alias` points to (its run id, tags, ...); None when there is none."""
+    try:
+        return _client(root).get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such registered model, or no such alias
+        return None
 
 
 def _version_by_alias(client: MlflowClient, name: str, alias: str) -> int | None:

@@ -199,7 +199,8 @@ class RecModel(nn.Module):
         and the output head's rows beyond the tokenizer, all but `<answer>`, which ends
         the reasoning. Sampling and greedy decoding set their logits to -inf, as a chat
         model's turn is text; the update masks the same ids, so the ratios stay exact."""
-        if self._banned_in_reasoning is None:
+        device = self.device
+        if self._banned_in_reasoning is None or self._banned_in_reasoning.device != device:
             rows = int(self.lm.get_output_embeddings().weight.shape[0])
             banned = torch.zeros(rows, dtype=torch.bool)
             tok = self.tokenizer
@@ -207,8 +208,8 @@ class RecModel(nn.Module):
             banned[[i for i in ids if 0 <= i < rows]] = True
             banned[len(tok) :] = True
             banned[self.answer_token_id] = False
-            self._banned_in_reasoning = banned
-        return self._banned_in_reasoning.to(self.device)
+            self._banned_in_reasoning = banned.to(device)  # once per device, not per decoding step
+        return self._banned_in_reasoning
 
     def reasoning_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [..., vocab] with the ids of `banned_in_reasoning` at -inf (float32)."""

@@ -252,18 +252,11 @@ def publish_catalogue(params: Params, paths: Paths, method: str, updates: Path, 
 
     Refuses when `alias` serves a model trained in another run than the local one: moving
     it would replace that model, not update its catalogue."""
-    from mlflow import MlflowClient
-
     from rrec import registry
 
-    tracking.require_reachable(paths.root)
     name = registry.model_name(params.data.category)
     summary = json.loads((paths.trained(method) / TRAIN_SUMMARY).read_text())
-    client = MlflowClient(tracking_uri=tracking.configure(paths.root))
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        current = None
+    current = registry.model_version_by_alias(name, alias, paths.root)
     if current is not None and current.run_id != summary.get("mlflow_run_id"):
         raise RuntimeError(
             f"{name}@{alias} is version {current.version}, trained in run {current.run_id}, not the local "
@@ -273,6 +266,6 @@ def publish_catalogue(params: Params, paths: Paths, method: str, updates: Path, 
     uri = log_pyfunc(params, paths, method, name, updates=updates)
     version = uri.rsplit("/", 1)[1]
     if current is not None:
-        client.set_model_version_tag(name, version, CATALOGUE_OF_TAG, str(current.version))
+        registry.tag_version(name, version, CATALOGUE_OF_TAG, str(current.version), paths.root)
     registry.set_alias(name, alias, version, root=paths.root)
     return uri

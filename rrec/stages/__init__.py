@@ -21,12 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rrec.config import ConfigError, load_params
+from rrec.config import METHODS, ConfigError, load_params
 from rrec.paths import Paths
 
 COMPUTE_MARK = "rrec-stage-compute"
 DEBUG_ENV = "RREC_DEBUG"
-METHODS = ("contrastive", "recpo")
 
 
 def failure_message(stage: str, err: BaseException) -> str:

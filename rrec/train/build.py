@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_constant_schedule_with_warmup
 
-from rrec.config import Params
+from rrec.config import METHODS, Params
 from rrec.items import read_item_prompts
 from rrec.model.generation import RolloutEngine, make_engine
 from rrec.model.item_table import load_item_table
@@ -23,8 +23,6 @@ from rrec.model.two_headed import RecModel
 from rrec.paths import Paths
 from rrec.prompts import UserPrompts, load_user_prompts
 from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
-
-METHODS = ("contrastive", "recpo")
 
 
 def make_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:

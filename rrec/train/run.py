@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rrec.config import Params
+from rrec.config import METHODS, Params
 from rrec.items import encode_items
 from rrec.model.item_table import save_item_table
 from rrec.model.loading import ADAPTER_DIR, TABLE_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
@@ -27,7 +27,7 @@ from rrec.model.lora import save_adapter
 from rrec.paths import Paths
 from rrec.prompts import load_user_prompts
 from rrec.ranking import evaluate_policy, item_titles, reasoning_samples
-from rrec.train.build import METHODS, Training, build_training
+from rrec.train.build import Training, build_training
 from rrec.train.loop import Checkpoints, LoopConfig, Progress, fingerprint, run_loop
 
 STEPS_LOG = "steps.jsonl"
