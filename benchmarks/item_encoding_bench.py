@@ -99,7 +99,7 @@ def main() -> None:
     convs = convs[: args.n_items]
 
     if (paths.backbone / "config.json").exists() or params.model.backbone != "tiny":
-        model, tokenizer = load_model_and_tokenizer(params, paths, device=device)
+        model, tokenizer = load_model_and_tokenizer(params, paths.backbone, device=device)
         model_source = params.model.backbone
     else:
         tokenizer = train_tokenizer(

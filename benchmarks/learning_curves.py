@@ -63,7 +63,7 @@ def ev(step):
         progress=False,
     )
     rec.train()
-    t = torch.nn.functional.normalize(table, dim=-1)
+    t = torch.nn.functional.normalize(table.embeddings, dim=-1)
     spread = float((1 - (t @ t.T)).mean())
     st = torch.nn.functional.normalize(d["states"], dim=-1)
     uspread = float((1 - st @ st.T).mean())
@@ -85,7 +85,7 @@ def ev(step):
 
 table = ev(0)
 if step_fn.table is not None:
-    step_fn.table.copy_(table)  # as the train stage: the table re-encoded at every evaluation
+    step_fn.table.copy_from(table)  # as the train stage: the table re-encoded at every evaluation
 s = 0
 ep = 0
 t0 = time.time()
@@ -120,7 +120,7 @@ while s < steps:
         if s % every == 0:
             tb = ev(s)
             if step_fn.table is not None:
-                step_fn.table.copy_(tb)
+                step_fn.table.copy_from(tb)
         if s >= steps:
             break
     ep += 1

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 
 from rrec.config import load_params
@@ -56,6 +57,7 @@ def _parse_overrides(items: list[str]) -> dict[str, object]:
 
 def _one_seed(root: Path, seed: int, methods: list[str], overrides: list[str], out: Path) -> None:
     params = load_params(root / "params.yaml", {**_parse_overrides(overrides), "train.seed": seed})
+    torch.set_num_threads(params.threads)  # as the train and evaluate stages do
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix=f"rrec-quality-{seed}-") as tmp:
         paths = _scratch(root, Path(tmp))

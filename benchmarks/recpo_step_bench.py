@@ -284,7 +284,7 @@ class RecPORunner:
         self.batches, self.warmup = batches, warmup
         self.timing = Timing("RecPO")
         self.info = {
-            "n_items_scored": int(table.shape[0]),
+            "n_items_scored": len(table),
             "prompt_tokens_mean": statistics.fmean(
                 len(user_ids[int(i)]) for b in batches for i in b
             ),
@@ -331,7 +331,7 @@ def time_trl(
 
     tp, rp = params.train, params.train.rollout
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm, tok = load_model_and_tokenizer(params, paths, device=device)
+    lm, tok = load_model_and_tokenizer(params, paths.backbone, device=device)
     # the rollout's stop set, so that both sides end a sequence at the same tokens
     lm.generation_config.eos_token_id = list(stop_ids)
     users = load_user_prompts(paths, "train")
@@ -568,7 +568,7 @@ def _stop_and_prompts(
     from rrec.model.two_headed import RecModel
     from rrec.prompts import load_user_prompts
 
-    lm, tok = load_model_and_tokenizer(params, paths)
+    lm, tok = load_model_and_tokenizer(params, paths.backbone)
     rec = RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
     users = load_user_prompts(paths, "train")
     order = [int(i) for b in batches for i in b]

@@ -241,9 +241,18 @@ class TrainParams(_Strict):
     # (null: the whole valid split)
     eval_max_users: int | None = Field(None, ge=1)
     patience: int = Field(3, ge=1)
+    # no early stopping before this step: the contrastive loss sits at ln(batch) for its
+    # first 150-200 steps, and patience alone would stop it there
+    min_steps: int = Field(300, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
     eval_samples: int = Field(8, ge=0)
+    # subtract log(train frequency) of each in-batch target column from its score while
+    # training (sampled-softmax bias correction): in-batch negatives are drawn in
+    # proportion to popularity, and without it the model learns to demote popular items.
+    # On for real data (popularity-skewed); off for the embedded sample, whose popularity
+    # is nearly flat and where it made training unstable (docs/learning.md)
+    logq_correction: bool = False
     rollout: RolloutParams = RolloutParams()
     recpo: RecPOParams = RecPOParams()
 
@@ -330,6 +339,11 @@ class TrackingParams(_Strict):
 
 class Params(_Strict):
     seed: int = 0
+    # torch's CPU threads in the stages that compute with the model (backbone, items,
+    # train, evaluate). Float sums are split by thread, so the count changes results in
+    # the last bits and, through sampling, RecPO's trajectories: it is a param, not a
+    # property of the machine. No effect on GPU kernels.
+    threads: int = Field(2, ge=1)
     data: DataParams = DataParams()
     prompts: PromptParams = PromptParams()
     model: ModelParams = ModelParams()

@@ -24,7 +24,7 @@ def evaluate_trained(
     if not summary_path.exists():
         raise FileNotFoundError(f"{summary_path}: no trained model; run the train stage first (`dvc repro train`)")
     summary = json.loads(summary_path.read_text())
-    rec, table = load_trained_policy(params, paths, method)
+    rec, table = load_trained_policy(params, paths.backbone, paths.trained(method))
     reasoning = summary["method"] == "recpo"
     results: dict[str, dict[str, float]] = {}
     samples: list[dict[str, Any]] = []

@@ -37,9 +37,8 @@ from rrec.model.item_table import (
     INDEX_FILE,
     TABLE_FILE,
     TENSOR,
-    load_item_table,
+    ItemTable,
     read_index,
-    save_item_table,
     save_tensors,
 )
 from rrec.model.lora import load_adapter
@@ -147,7 +146,7 @@ def encode_items(
     meta: Mapping[str, Any] | None = None,
     state: PartialState | None = None,
     on_chunk: Callable[[int], None] | None = None,
-) -> torch.Tensor:
+) -> ItemTable:
     """Encode item prompts (token ids ending in `<answer>`, index = item id) into the
     table saved under `out_dir`; returns it [n_items, d] float32 on the CPU.
 
@@ -176,7 +175,7 @@ def encode_items(
         and (out_dir / INDEX_FILE).exists()
         and read_index(out_dir).get("fingerprint") == fp
     ):
-        return load_item_table(out_dir)  # this exact table is already there
+        return ItemTable.load(out_dir)  # this exact table is already there
 
     order = length_order(prompts)
     n_chunks = (n + chunk_size - 1) // chunk_size
@@ -224,17 +223,13 @@ def encode_items(
 
     state.wait_for_everyone()
     if state.is_main_process:
-        table = _concatenate(chunks, n_chunks, n, rec.hidden_size)
-        save_item_table(
-            table,
-            out_dir,
-            backbone=meta.get("backbone"),
-            adapter=meta.get("adapter"),
-            fingerprint=fp,
-        )
+        ItemTable(
+            _concatenate(chunks, n_chunks, n, rec.hidden_size),
+            backbone=meta.get("backbone"), adapter=meta.get("adapter"), fingerprint=fp,
+        ).save(out_dir)
         shutil.rmtree(chunks)
     state.wait_for_everyone()
-    return load_item_table(out_dir)
+    return ItemTable.load(out_dir)
 
 
 # -------------------------------------------------------------------- stage
@@ -273,7 +268,7 @@ def run_items(
     in `adapter_dir`, if given) into `out_dir` (default `paths.item_table`)."""
     state = process_state()
     out_dir = Path(out_dir) if out_dir is not None else paths.item_table
-    model, tokenizer = load_model_and_tokenizer(params, paths, device=state.device)
+    model, tokenizer = load_model_and_tokenizer(params, paths.backbone, device=state.device)
     if adapter_dir is not None:
         model = load_adapter(model, Path(adapter_dir)).to(state.device)
     model.eval()
@@ -293,9 +288,9 @@ def run_items(
     )
     seconds = time.monotonic() - start
     return {
-        "n_items": int(table.shape[0]),
-        "dim": int(table.shape[1]),
+        "n_items": len(table),
+        "dim": table.dim,
         "seconds": round(seconds, 3),
-        "items_per_s": round(table.shape[0] / max(seconds, 1e-9), 2),
+        "items_per_s": round(len(table) / max(seconds, 1e-9), 2),
         "table": str(out_dir / TABLE_FILE),
     }

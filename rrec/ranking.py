@@ -18,14 +18,15 @@ import torch
 from rrec.metrics import evaluate_scorer, mask_history, pad_histories, target_ranks
 from rrec.model.backbone import read_titles
 from rrec.model.generation import policy_user_states
-from rrec.model.two_headed import RecModel, score
+from rrec.model.item_table import ItemTable
+from rrec.model.two_headed import RecModel
 from rrec.paths import Paths
 from rrec.prompts import UserPrompts
 
 
 def evaluate_policy(
     rec: RecModel,
-    table: torch.Tensor,
+    table: ItemTable,
     users: UserPrompts,
     *,
     reasoning: bool,
@@ -39,10 +40,8 @@ def evaluate_policy(
         rec, users.conversations, reasoning=reasoning, max_new_tokens=max_new_tokens,
         batch_size=batch_size, progress=progress,
     )
-    table = table.float()
-
     def score_fn(idx: list[int]) -> torch.Tensor:
-        return score(states[idx], table, rec.tau)
+        return table.score(states[idx], rec.tau)
 
     metrics = evaluate_scorer(score_fn, users.histories, users.targets, ks, batch_size=256, progress=False)
     lengths = [len(r) - int(bool(r) and r[-1] == rec.answer_token_id) for r in reasoning_ids]
@@ -52,7 +51,7 @@ def evaluate_policy(
 
 def reasoning_samples(
     rec: RecModel,
-    table: torch.Tensor,
+    table: ItemTable,
     users: UserPrompts,
     details: dict[str, Any],
     titles: Sequence[str],
@@ -62,7 +61,7 @@ def reasoning_samples(
     """Rows for a human: history, reasoning, top-10 with titles, target and its rank."""
     n = min(n, len(users))
     states = details["states"][:n]
-    scores = mask_history(score(states, table.float(), rec.tau), pad_histories(users.histories[:n]))
+    scores = mask_history(table.score(states, rec.tau), pad_histories(users.histories[:n]))
     ranks = target_ranks(scores, torch.tensor(users.targets[:n]))
     best = scores.topk(min(top, scores.shape[1]), dim=1).indices
     out = []

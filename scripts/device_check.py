@@ -157,10 +157,10 @@ def check_items(project: Path, workdir: Path, dtype: str) -> dict[str, Any]:
 
     from rrec.items import run_items
     from rrec.model.backbone import resolve_dtype
-    from rrec.model.item_table import load_item_table
+    from rrec.model.item_table import ItemTable
 
     params, paths = load(project, dtype)
-    reference = load_item_table(paths.item_table)
+    reference = ItemTable.load(paths.item_table).embeddings
     out_dir = workdir / "item_table_device"
     shutil.rmtree(out_dir, ignore_errors=True)
     _reset_peak()
@@ -168,7 +168,7 @@ def check_items(project: Path, workdir: Path, dtype: str) -> dict[str, Any]:
     run_items(params, paths, out_dir=out_dir)
     _sync()
     seconds = time.perf_counter() - t0
-    table = load_item_table(out_dir)
+    table = ItemTable.load(out_dir).embeddings
     cos = F.cosine_similarity(table, reference, dim=1)
     rel = (table - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(1e-12)
     ok = table.shape == reference.shape and bool(torch.isfinite(table).all())

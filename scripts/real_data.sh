@@ -51,6 +51,7 @@ dvc exp run \
     -S train.eval_max_users=300 \
     -S train.recpo.max_steps=60 \
     -S baselines.epochs=20 \
+    -S train.logq_correction=true \
     "$@"
 echo "dvc exp run took $(( $(date +%s) - start )) s"
 cat reports/comparison.md

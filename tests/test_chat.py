@@ -102,7 +102,7 @@ def test_text_that_spells_a_control_token_fails_as_in_the_library() -> None:
 
 def test_batched_ids_equal_the_library_ids_on_the_project_prompts(tiny_project) -> None:
     params, paths = tiny_project
-    _, tok = load_model_and_tokenizer(params, paths)
+    _, tok = load_model_and_tokenizer(params, paths.backbone)
     convs = read_item_prompts(paths.item_prompts_file)[:300]
     users = pq.read_table(paths.user_prompts_file("train"), columns=["messages"])
     convs += users.column("messages").to_pylist()[:150]

@@ -81,3 +81,19 @@ def test_an_unquoted_date_is_caught() -> None:
         "data.window.end = 2023-10-01"
     ]
     assert dates(yaml.safe_load("data:\n  window: {end: '2023-10-01'}\n")) == []
+
+
+def leaves(node: Any, where: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in leaves(sub, f"{where}.{key}" if where else str(key)).items()}
+    return {where: node}
+
+
+def test_method_doc_shows_the_committed_values() -> None:
+    """docs/method.md's params block says "the committed values": it must not drift."""
+    text = (ROOT / "docs" / "method.md").read_text()
+    section = text[text.index("## The params of the method"):]
+    block = yaml.safe_load(_FENCE.search(section).group(1))
+    committed = leaves(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    drift = {k: (v, committed.get(k)) for k, v in leaves(block).items() if committed.get(k) != v}
+    assert not drift, f"docs/method.md shows (doc, params.yaml): {drift}"

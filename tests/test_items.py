@@ -21,7 +21,7 @@ from rrec.config import Params
 from rrec.data.schema import ITEM_PROMPTS
 from rrec.items import CHUNKS_DIR, encode_items, read_item_prompts, run_items
 from rrec.model import RecModel, build_backbone, load_model_and_tokenizer
-from rrec.model.item_table import INDEX_FILE, TABLE_FILE, load_item_table, update_rows
+from rrec.model.item_table import INDEX_FILE, TABLE_FILE, ItemTable
 from rrec.model.two_headed import shared_prefix_length
 from rrec.paths import Paths
 from tests.test_model import TINY, tiny_params, write_fixture_prompts
@@ -52,7 +52,7 @@ def setup(
     paths = write_fixture_prompts(tmp_path_factory.mktemp("items"), n_items=N_ITEMS, n_users=16)
     params = tiny_params(pretrain_steps=5)
     build_backbone(params, paths)
-    model, tokenizer = load_model_and_tokenizer(params, paths)
+    model, tokenizer = load_model_and_tokenizer(params, paths.backbone)
     rec = RecModel(model, tokenizer, tau=params.model.tau)
     prompts = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
     return params, paths, rec, prompts
@@ -61,7 +61,7 @@ def setup(
 def _encode(rec: RecModel, prompts: list[list[int]], out: Path, **kw: Any) -> torch.Tensor:
     return encode_items(
         rec, prompts, out, batch_size=BATCH, chunk_size=CHUNK, meta={"backbone": "t"}, **kw
-    )
+    ).embeddings
 
 
 def test_batched_encoding_equals_one_at_a_time(setup: Any, tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_batched_encoding_equals_one_at_a_time(setup: Any, tmp_path: Path) -> No
         None,
     )
     assert not (tmp_path / "t" / CHUNKS_DIR).exists()  # chunks are removed once concatenated
-    assert torch.equal(load_item_table(tmp_path / "t"), table)
+    assert torch.equal(ItemTable.load(tmp_path / "t").embeddings, table)
     assert rec.training is False
 
 
@@ -120,7 +120,7 @@ def test_chunks_of_other_weights_or_meta_are_discarded(setup: Any, tmp_path: Pat
     def run(meta: dict[str, str], **kw: Any) -> torch.Tensor:
         return encode_items(
             rec, prompts, tmp_path, batch_size=BATCH, chunk_size=CHUNK, meta=meta, **kw
-        )
+        ).embeddings
 
     with pytest.raises(Interrupt):
         run({"adapter": "a"}, on_chunk=stop)
@@ -191,22 +191,55 @@ def test_two_process_run_equals_one_process(setup: Any, tmp_path: Path) -> None:
         f"rank 0 of 2: {N_ITEMS} items" in done.stdout
         and f"rank 1 of 2: {N_ITEMS} items" in done.stdout
     )
-    two = load_item_table(tmp_path / "two")
-    torch.testing.assert_close(two, load_item_table(tmp_path / "one"), atol=1e-6, rtol=1e-6)
+    two = ItemTable.load(tmp_path / "two").embeddings
+    torch.testing.assert_close(two, ItemTable.load(tmp_path / "one").embeddings, atol=1e-6, rtol=1e-6)
     assert json.loads((tmp_path / "two" / INDEX_FILE).read_text())["backbone"] == "tiny"
 
 
 def test_update_rows_and_errors(tmp_path: Path) -> None:
-    table = torch.zeros(4, 2)
-    out = update_rows(table, [3, 1], torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True))
-    assert out is table and not table.requires_grad
-    assert torch.equal(table, torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [1.0, 2.0]]))
+    table = ItemTable(torch.zeros(4, 2), backbone="b", adapter="a", fingerprint="f")
+    storage = table.embeddings
+    table.update_rows([3, 1], torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True))
+    assert table.embeddings is storage and not table.embeddings.requires_grad  # in place, detached
+    assert torch.equal(table.embeddings, torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [1.0, 2.0]]))
+    assert table.fingerprint is None  # no longer the items stage's table
     with pytest.raises(ValueError, match="one per item id"):
-        update_rows(table, [0], torch.zeros(2, 2))
+        table.update_rows([0], torch.zeros(2, 2))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        update_rows(table, [4], torch.zeros(1, 2))
+        table.update_rows([4], torch.zeros(1, 2))
     with pytest.raises(FileNotFoundError, match="items stage"):
-        load_item_table(tmp_path)
+        ItemTable.load(tmp_path)
+    with pytest.raises(ValueError, match="2-D"):
+        ItemTable(torch.zeros(3))
+
+    # growth: a new id past the end appends rows (zeros until written)
+    table.set_rows([5], torch.tensor([[7.0, 8.0]]))
+    assert len(table) == 6 and table.dim == 2
+    assert torch.equal(table.embeddings[4:], torch.tensor([[0.0, 0.0], [7.0, 8.0]]))
+    table.set_rows([], torch.zeros(0, 2))
+    assert len(table) == 6
+
+    # save and load keep the rows and the index
+    table.save(tmp_path / "saved")
+    back = ItemTable.load(tmp_path / "saved")
+    assert torch.equal(back.embeddings, table.embeddings)
+    assert (back.backbone, back.adapter, back.fingerprint) == ("b", "a", None)
+    index = json.loads((tmp_path / "saved" / INDEX_FILE).read_text())
+    assert (index["n_items"], index["dim"]) == (6, 2)
+
+    # a table file that disagrees with its index is refused
+    ItemTable(torch.zeros(2, 2)).save(tmp_path / "small")
+    (tmp_path / "small" / TABLE_FILE).replace(tmp_path / "saved" / TABLE_FILE)
+    with pytest.raises(ValueError, match="disagrees"):
+        ItemTable.load(tmp_path / "saved")
+
+    # copy_from overwrites in place (the training table is registered for checkpointing)
+    target = ItemTable(torch.ones(2, 2))
+    kept = target.embeddings
+    target.copy_from(ItemTable(torch.full((2, 2), 3.0)))
+    assert target.embeddings is kept and bool((kept == 3.0).all())
+    with pytest.raises(ValueError, match="shape"):
+        target.copy_from(ItemTable(torch.zeros(3, 2)))
 
     bad = tmp_path / "items.parquet"
     rows = [{"item_id": i, "messages": [{"role": "user", "content": "x"}]} for i in (0, 2)]

@@ -21,8 +21,9 @@ from rrec.config import TinyBackboneParams, parse_params
 from rrec.metrics import pad_histories, ranking_metrics, target_ranks
 from rrec.model.backbone import build_tiny_model
 from rrec.model.generation import HFEngine
+from rrec.model.item_table import ItemTable, score
 from rrec.model.tokenizer import train_tokenizer
-from rrec.model.two_headed import RecModel, score
+from rrec.model.two_headed import RecModel
 from rrec.train.build import assemble
 from rrec.train.loop import epoch_batches
 from rrec.train.objectives import (
@@ -100,7 +101,7 @@ def test_recpo_learns(max_new_tokens):
     # set up by the train stage's own builder
     step = assemble(
         params, "recpo", rec, user_prompt_ids=[user_ids[i] for i in train], histories=[[] for _ in train],
-        targets=[targets[i] for i in train], item_prompt_ids=item_ids, table=table, engine=engine,
+        targets=[targets[i] for i in train], item_prompt_ids=item_ids, table=ItemTable(table), engine=engine,
         accelerator=Accelerator(cpu=True),
     ).step
     rewards = []

@@ -27,10 +27,12 @@ from transformers import (
 
 from rrec.config import LoraParams, Params, parse_params
 from rrec.data.schema import ITEM_PROMPTS, USER_PROMPTS
+from rrec.metrics import mask_history
 from rrec.model import (
     ANSWER,
     END_ANSWER,
     BackboneError,
+    ItemTable,
     RecModel,
     apply_lora,
     build_backbone,
@@ -154,7 +156,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Paths, dict
 @pytest.fixture(scope="module")
 def rec(built: tuple[Params, Paths, dict[str, Any]]) -> RecModel:
     params, paths, _ = built
-    model, tokenizer = load_model_and_tokenizer(params, paths)
+    model, tokenizer = load_model_and_tokenizer(params, paths.backbone)
     return RecModel(model, tokenizer, tau=params.model.tau)
 
 
@@ -364,7 +366,7 @@ def test_inference_runs_the_last_layer_only_at_the_answer_rows(
     built: tuple[Params, Paths, dict[str, Any]],
 ) -> None:
     params, paths, _ = built
-    base, tok = load_model_and_tokenizer(params, paths)
+    base, tok = load_model_and_tokenizer(params, paths.backbone)
     lora = apply_lora(base, params.model.lora.model_copy(update={"target_modules": ["o_proj", "down_proj"]}))
     with torch.no_grad():  # a non-zero adapter, so the LoRA path changes the states
         for name, p in lora.named_parameters():
@@ -429,16 +431,17 @@ def test_last_layer_trimming_leaves_other_threads_alone(rec: RecModel) -> None:
     assert not errors, errors[0]
 
 
-def test_score_and_history_masking_known_answer(rec: RecModel) -> None:
+def test_score_and_history_masking_known_answer() -> None:
     u = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
     h = torch.tensor([[2.0, 0.0], [0.0, 5.0], [1.0, 1.0]])
     s = 1 / math.sqrt(2)
     expected = torch.tensor([[1.0, 0.0, s], [0.0, 1.0, s]]) / 0.5
     torch.testing.assert_close(score(u, h, 0.5), expected)
-    masked = RecModel.rank_scores(rec, u, h, history=torch.tensor([[2, -1], [1, 0]]))
+    torch.testing.assert_close(ItemTable(h).score(u, 0.5), expected)
+    masked = mask_history(ItemTable(h).score(u, 0.25), torch.tensor([[2, -1], [1, 0]]))
     assert masked[0, 2] == float("-inf") and masked[1, 0] == masked[1, 1] == float("-inf")
-    torch.testing.assert_close(masked[0, :2], expected[0, :2] * 0.5 / rec.tau)
-    torch.testing.assert_close(masked[1, 2], expected[1, 2] * 0.5 / rec.tau)
+    torch.testing.assert_close(masked[0, :2], expected[0, :2] * 2)
+    torch.testing.assert_close(masked[1, 2], expected[1, 2] * 2)
 
 
 # --------------------------------------------------------------------- LoRA
@@ -448,7 +451,7 @@ def test_lora_trains_only_adapter_weights_and_round_trips(
     built: tuple[Params, Paths, dict[str, Any]], tmp_path: Path
 ) -> None:
     params, paths, _ = built
-    base, tok = load_model_and_tokenizer(params, paths)
+    base, tok = load_model_and_tokenizer(params, paths.backbone)
     peft_model = apply_lora(base, params.model.lora)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -473,14 +476,14 @@ def test_lora_trains_only_adapter_weights_and_round_trips(
         after = rec.encode(seqs)
     save_adapter(peft_model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    fresh, _ = load_model_and_tokenizer(params, paths)
+    fresh, _ = load_model_and_tokenizer(params, paths.backbone)
     reloaded = RecModel(load_adapter(fresh, tmp_path / "adapter"), tok).eval()
-    merged = policy_from_adapter(params, paths, tmp_path / "adapter")  # what inference loads
+    merged = policy_from_adapter(params, paths.backbone, tmp_path / "adapter")  # what inference loads
     assert not any("lora_" in n for n, _ in merged.lm.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode(seqs), after)
         torch.testing.assert_close(merged.encode(seqs), after, atol=1e-5, rtol=1e-4)
-        plain = RecModel(load_model_and_tokenizer(params, paths)[0], tok).encode(seqs)
+        plain = RecModel(load_model_and_tokenizer(params, paths.backbone)[0], tok).encode(seqs)
     assert not torch.allclose(plain, after, atol=1e-4)  # the adapter does change the states
 
 
@@ -488,13 +491,13 @@ def test_lora_disabled_trains_the_full_model(
     built: tuple[Params, Paths, dict[str, Any]], tmp_path: Path
 ) -> None:
     params, paths, _ = built
-    model, tok = load_model_and_tokenizer(params, paths)
+    model, tok = load_model_and_tokenizer(params, paths.backbone)
     full = apply_lora(model, LoraParams(enabled=False))
     assert full is model and all(p.requires_grad for p in full.parameters())
     with torch.no_grad():
         full.get_input_embeddings().weight[5] += 1.0
     save_adapter(full, tmp_path / "full")
-    reloaded = load_adapter(load_model_and_tokenizer(params, paths)[0], tmp_path / "full")
+    reloaded = load_adapter(load_model_and_tokenizer(params, paths.backbone)[0], tmp_path / "full")
     assert torch.equal(reloaded.get_input_embeddings().weight, full.get_input_embeddings().weight)
     with pytest.raises(ValueError, match="target_modules"):
         apply_lora(model, LoraParams(enabled=True, target_modules=["no_such_proj"]))
@@ -547,7 +550,7 @@ def test_local_backbone_gets_control_tokens(tmp_path: Path, spare_rows: int) -> 
     assert record["added_control_tokens"] == [ANSWER, END_ANSWER] and record["hidden_size"] == 16
     assert not (paths.backbone / "config.json").exists()  # the weights are not copied
 
-    model, tok = load_model_and_tokenizer(params, paths)
+    model, tok = load_model_and_tokenizer(params, paths.backbone)
     rec = RecModel(model, tok)
     assert rec.answer_token_id == record["control_token_ids"][ANSWER]
     rows = model.get_input_embeddings().weight.shape[0]
@@ -582,6 +585,6 @@ def test_unreachable_backbone_says_how_to_use_a_local_copy(
     )
     missing = parse_params({"model": {"backbone": str(tmp_path / "nowhere")}})
     with pytest.raises(BackboneError, match="not a directory"):
-        load_model_and_tokenizer(missing, Paths(tmp_path))
+        load_model_and_tokenizer(missing, Paths(tmp_path).backbone)
     with pytest.raises(BackboneError, match="run the backbone stage"):
-        load_model_and_tokenizer(tiny_params(), Paths(tmp_path))
+        load_model_and_tokenizer(tiny_params(), Paths(tmp_path).backbone)

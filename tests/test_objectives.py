@@ -15,6 +15,7 @@ from rrec.train.objectives import (
     item_loss,
     rewards,
     select_topk,
+    target_log_frequency,
     token_loss,
 )
 
@@ -309,3 +310,71 @@ def test_contrastive_loss_by_hand() -> None:
     loss.backward()
     assert users.grad is not None and targets.grad is not None
     assert targets.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------- logQ correction
+
+
+def test_target_log_frequency_by_hand() -> None:
+    # targets 0, 0, 0, 2 over 4 items: shares 3/4, (never: count 1)/4... normalised by 5
+    log_q = target_log_frequency(torch.tensor([0, 0, 0, 2]), 4)
+    assert log_q.exp().tolist() == pytest.approx([3 / 6, 1 / 6, 1 / 6, 1 / 6], rel=1e-6)
+
+
+def test_logq_correction_by_hand_and_shift_invariance() -> None:
+    users = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    index = torch.tensor([0, 1])
+    log_q = torch.tensor([math.log(0.9), math.log(0.1)])
+    got = inbatch_logprob(users, targets, index, tau=0.5, log_q=log_q)
+    # scores [2, 0] and [sqrt2, sqrt2], each column minus its log q
+    for row, target in ((0, 0), (1, 1)):
+        s = [[2.0, 0.0], [math.sqrt(2), math.sqrt(2)]][row]
+        z = [s[j] - float(log_q[j]) for j in range(2)]
+        expected = z[target] - math.log(sum(math.exp(v) for v in z))
+        assert float(got[row]) == pytest.approx(expected, rel=1e-6)
+    # the popular column (q = 0.9) is pushed down, so its own target gets *less* mass and
+    # the rare column's target more: the model must score popular items higher to match
+    plain = inbatch_logprob(users, targets, index, tau=0.5)
+    assert got[0] < plain[0] and got[1] > plain[1]
+    # a constant shift of log q (uniform sampling) changes nothing
+    same = inbatch_logprob(users, targets, index, tau=0.5, log_q=torch.full((2,), -3.0))
+    torch.testing.assert_close(same, plain)
+    loss = contrastive_loss(users, targets, index, tau=0.5, log_q=log_q)
+    assert float(loss) == pytest.approx(-float(got.mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="log_q"):
+        inbatch_logprob(users, targets, index, tau=0.5, log_q=torch.zeros(3))
+
+
+def test_logq_correction_recovers_popularity_that_inbatch_softmax_hides() -> None:
+    """One user context whose next item is drawn with p = (0.5, 0.2, 0.1, 0.1, 0.05,
+    0.05), item embeddings learnt with in-batch negatives. The full softmax would put the
+    popular item log(0.5/0.05) = 2.3 above the rare ones; in-batch negatives are drawn
+    by popularity, so without the correction the learnt gap is far smaller (1.3 here),
+    with it the gap comes back (3.6; cosine scores saturate, so not exactly 2.3)."""
+    gen = torch.Generator().manual_seed(0)
+    n_items, d = 6, 4
+    probs = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    targets = torch.multinomial(probs, 4000, replacement=True, generator=gen)
+    log_q_all = target_log_frequency(targets, n_items)
+    user = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # one user context: p(item | user) = probs
+
+    def train(correct: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        items = torch.nn.Parameter(torch.randn(n_items, d) * 0.1)
+        opt = torch.optim.Adam([items], lr=0.05)
+        for start in range(0, 4000, 8):
+            batch = targets[start : start + 8]
+            uniq, col = dedupe_targets(batch)
+            loss = contrastive_loss(user.expand(len(batch), d), items[uniq], col, tau=0.5,
+                                    log_q=log_q_all[uniq] if correct else None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        from rrec.model.item_table import score
+
+        return score(user, items.detach(), 0.5)[0]
+
+    corrected, plain = train(True), train(False)
+    gap, plain_gap = float(corrected[0] - corrected[4:].mean()), float(plain[0] - plain[4:].mean())
+    assert gap > math.log(0.5 / 0.05) and gap > plain_gap + 1.5, (gap, plain_gap)

@@ -16,8 +16,8 @@ from mlflow.exceptions import MlflowException
 from typer.testing import CliRunner
 
 from rrec.config import Params
+from rrec.model.item_table import ItemTable, score
 from rrec.model.loading import TRAIN_SUMMARY
-from rrec.model.two_headed import score
 from rrec.paths import Paths
 from rrec.prompts import load_user_prompts
 from rrec.serve import (
@@ -77,7 +77,7 @@ def base(trained: tuple[Params, Paths]) -> Recommender:
 def fresh(rec: Recommender) -> Recommender:
     """The same model with its own copy of the table and catalogue (for tests that update them)."""
     return Recommender(
-        rec.model, rec.table.clone(), Catalogue(rec.catalogue.rows), rec.params,
+        rec.model, ItemTable(rec.table.embeddings.clone()), Catalogue(rec.catalogue.rows), rec.params,
         method=rec.method, reasoning=rec.reasoning, source=rec.source,
     )
 
@@ -127,7 +127,7 @@ def test_user_state_is_the_one_a_second_encoding_would_give(base: Recommender, h
     with torch.no_grad():
         state = base.model.encode([prompt + reasoning[0][: rec.reasoning_tokens] + [base.model.answer_token_id]])
     assert torch.allclose(states[0], state[0].float(), atol=1e-4)
-    expected = score(state.float(), base.table, base.model.tau)[0]
+    expected = score(state.float(), base.table.embeddings, base.model.tau)[0]
     expected[history] = float("-inf")
     top = expected.topk(5)
     assert _ids(rec) == top.indices.tolist()
@@ -164,7 +164,7 @@ def test_without_reasoning_the_state_is_read_at_answer_after_the_prompt(base: Re
     conv = rec.conversation(rec.parse_history(histories[1], NOW), NOW)
     with torch.no_grad():
         state = rec.model.encode(rec.model.user_prompt_ids([conv], answer=True))
-    expected = score(state, rec.table, rec.model.tau)[0]
+    expected = score(state, rec.table.embeddings, rec.model.tau)[0]
     expected[histories[1]] = float("-inf")
     assert _ids(out) == expected.topk(4).indices.tolist()
 
@@ -252,18 +252,18 @@ def test_add_replace_remove_items(base: Recommender, trained, histories):
     assert update.added == [n] and update.replaced == [] and update.lines == 3
     assert update.dropped["malformed"] == 1 and update.dropped["short_title"] == 1
     assert len(rec.catalogue) == rec.n_items == n + 1
-    assert torch.allclose(rec.table[n], rec.table[popular], atol=1e-5)
+    assert torch.allclose(rec.table.embeddings[n], rec.table.embeddings[popular], atol=1e-5)
     after = rec.recommend([history], k=5, now_ms=NOW)[0]
     got = {i.item_id: i.score for i in after.items}
     assert n in got and got[n] == pytest.approx(got[popular], abs=1e-3)
 
     # replacing keeps the id, changes the row and the title
-    old_row = rec.table[popular].clone()
+    old_row = rec.table.embeddings[popular].clone()
     update = add_or_replace_items(rec, [json.dumps({
         **meta, "title": "A Completely Different Game", "description": ["Nothing like before."]})])
     assert update.replaced == [popular] and update.added == []
     assert rec.catalogue.title(popular) == "A Completely Different Game"
-    assert not torch.allclose(rec.table[popular], old_row, atol=1e-4)
+    assert not torch.allclose(rec.table.embeddings[popular], old_row, atol=1e-4)
 
     # a removed item is never recommended, even when asking for every item
     update = remove_items(rec, [rec.catalogue.parent_asin(popular)])
@@ -280,7 +280,7 @@ def test_add_replace_remove_items(base: Recommender, trained, histories):
     try:
         rec.save(out)
         again = Recommender.from_dir(params, paths, "recpo", device="cpu")
-        assert torch.equal(again.table, rec.table)
+        assert torch.equal(again.table.embeddings, rec.table.embeddings)
         assert again.catalogue.removed_mask()[popular] and again.catalogue.title(n) == meta["title"]
         summary = paths.trained("recpo") / TRAIN_SUMMARY
         original = summary.read_text()

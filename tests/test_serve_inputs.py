@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from rrec.config import Params, parse_params
 from rrec.data.schema import ITEMS
+from rrec.model.item_table import ItemTable
 from rrec.serve import recommend as recommend_module
 from rrec.serve.catalogue import Catalogue, add_items_from_file, add_or_replace_items
 
@@ -82,7 +83,7 @@ def _ranker(n_items: int, removed: list[str] = ()) -> types.SimpleNamespace:  # 
     catalogue = Catalogue(rows)
     catalogue.remove(removed)
     return types.SimpleNamespace(
-        table=torch.randn(n_items, 8, generator=torch.Generator().manual_seed(0)),
+        table=ItemTable(torch.randn(n_items, 8, generator=torch.Generator().manual_seed(0))),
         model=types.SimpleNamespace(tau=0.05), catalogue=catalogue,
         _reasoning_text=lambda ids: ("", 0),
     )

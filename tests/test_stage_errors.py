@@ -54,3 +54,25 @@ def test_the_traceback_comes_back_with_the_debug_switch(failing_window: Path) ->
     out = done.stdout + done.stderr
     assert done.returncode != 0
     assert "Traceback" in out and "WindowError" in out
+
+
+def test_model_stages_run_with_the_params_thread_count(tmp_path: Path) -> None:
+    """The thread count is part of what a model stage computes, so it comes from
+    params.yaml (`threads`), not from the machine."""
+    import torch
+
+    from rrec.stages import stage_main
+
+    write_params(tmp_path, {"threads": 3})
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        status = stage_main("probe", lambda params, paths: seen.append(torch.get_num_threads()),
+                            ["--root", str(tmp_path)], torch_threads=True)
+        assert status == 0 and seen == [3]
+        torch.set_num_threads(1)
+        stage_main("probe", lambda params, paths: seen.append(torch.get_num_threads()), ["--root", str(tmp_path)])
+        assert seen == [3, 1]  # a stage that does not compute with the model leaves torch alone
+    finally:
+        torch.set_num_threads(before)

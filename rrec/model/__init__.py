@@ -8,15 +8,17 @@ from rrec.model.backbone import (
     load_model_and_tokenizer,
     resolve_dtype,
 )
+from rrec.model.item_table import ItemTable, score
 from rrec.model.lora import apply_lora, load_adapter, save_adapter, trainable_parameters
 from rrec.model.tokenizer import ANSWER, CHAT_TEMPLATE, END_ANSWER, control_token_id
-from rrec.model.two_headed import RecModel, answer_positions, answer_rows, score
+from rrec.model.two_headed import RecModel, answer_positions, answer_rows
 
 __all__ = [
     "ANSWER",
     "CHAT_TEMPLATE",
     "END_ANSWER",
     "BackboneError",
+    "ItemTable",
     "RecModel",
     "add_control_tokens",
     "answer_positions",

@@ -348,8 +348,8 @@ def add_control_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return missing
 
 
-def _read_reference(paths: Paths) -> dict[str, Any] | None:
-    path = paths.backbone / BACKBONE_JSON
+def _read_reference(directory: Path) -> dict[str, Any] | None:
+    path = directory / BACKBONE_JSON
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -415,19 +415,21 @@ def build_backbone(params: Params, paths: Paths) -> dict[str, Any]:
 
 def load_model_and_tokenizer(
     params: Params,
-    paths: Paths,
+    backbone_dir: Path,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The backbone of `params`, in eval mode, with its tokenizer; control tokens present.
+    `backbone_dir` is the backbone stage's output (`models/backbone/`): the tiny model
+    itself, or the record of a Hub or local reference.
 
     dtype: explicit, else `model.dtype` ("auto": bfloat16 on a GPU, float32 on a CPU).
     """
     dtype = dtype or resolve_dtype(params.model.dtype, device)
     ref = params.model.backbone
     if ref == TINY:
-        directory = paths.backbone
+        directory = Path(backbone_dir)
         if not (directory / "config.json").exists():
             raise BackboneError(
                 f"{directory}: no tiny backbone there; run the backbone stage first (`dvc repro backbone`)"
@@ -435,10 +437,10 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     else:
-        record = _read_reference(paths)
+        record = _read_reference(Path(backbone_dir))
         if record is not None and record["backbone"] != ref:
             raise BackboneError(
-                f"{paths.backbone / BACKBONE_JSON} records backbone {record['backbone']!r} but "
+                f"{Path(backbone_dir) / BACKBONE_JSON} records backbone {record['backbone']!r} but "
                 f"params say model.backbone: {ref!r}; rerun the backbone stage"
             )
         revision = record.get("revision") if record else None
@@ -447,7 +449,7 @@ def load_model_and_tokenizer(
             got = {t: control_token_id(tokenizer, t) for t in CONTROL_TOKENS}
             if got != record["control_token_ids"]:
                 raise BackboneError(
-                    f"{paths.backbone / BACKBONE_JSON}: control token ids {record['control_token_ids']} "
+                    f"{Path(backbone_dir) / BACKBONE_JSON}: control token ids {record['control_token_ids']} "
                     f"differ from the loaded tokenizer's {got}; rerun the backbone stage"
                 )
     for token in CONTROL_TOKENS:

@@ -16,10 +16,9 @@ from safetensors.torch import load_file
 
 from rrec.config import Params
 from rrec.model.backbone import load_model_and_tokenizer
-from rrec.model.item_table import load_item_table
+from rrec.model.item_table import ItemTable
 from rrec.model.lora import apply_lora, load_adapter
 from rrec.model.two_headed import RecModel
-from rrec.paths import Paths
 
 ADAPTER_DIR = "adapter"
 TOKENIZER_DIR = "tokenizer"
@@ -27,10 +26,10 @@ TABLE_DIR = "item_table"
 TRAIN_SUMMARY = "train_summary.json"
 
 
-def new_policy(params: Params, paths: Paths, device: torch.device | str | None = None) -> RecModel:
-    """The backbone with a fresh LoRA adapter (seeded), in train mode."""
+def new_policy(params: Params, backbone_dir: Path, device: torch.device | str | None = None) -> RecModel:
+    """The backbone in `backbone_dir` with a fresh LoRA adapter (seeded), in train mode."""
     torch.manual_seed(params.train.seed)
-    lm, tok = load_model_and_tokenizer(params, paths, device=device)
+    lm, tok = load_model_and_tokenizer(params, backbone_dir, device=device)
     lm = apply_lora(lm, params.model.lora)
     if hasattr(lm, "enable_input_require_grads") and params.model.lora.enabled:
         lm.enable_input_require_grads()
@@ -60,13 +59,13 @@ def start_from_trained(rec: RecModel, trained: Path) -> None:
 
 
 def policy_from_adapter(
-    params: Params, paths: Paths, adapter_dir: Path, device: torch.device | str | None = None
+    params: Params, backbone_dir: Path, adapter_dir: Path, device: torch.device | str | None = None
 ) -> RecModel:
     """A trained policy for inference: a LoRA adapter is merged into the weights, which
     gives the same outputs without LoRA's extra matmuls at every linear layer; with
     `model.compile` the decoder is compiled (`RecModel.compile_decoder`); with
     `model.aot_single_requests` single greedy requests use `RecModel.aot_decoder`."""
-    lm, tok = load_model_and_tokenizer(params, paths, device=device)
+    lm, tok = load_model_and_tokenizer(params, backbone_dir, device=device)
     lm = load_adapter(lm, adapter_dir)
     if isinstance(lm, PeftModel):
         lm = lm.merge_and_unload()
@@ -81,11 +80,10 @@ def policy_from_adapter(
 
 
 def load_trained_policy(
-    params: Params, paths: Paths, method: str, device: torch.device | str | None = None
-) -> tuple[RecModel, torch.Tensor]:
-    """The trained policy (eval mode) and its item table."""
-    trained = paths.trained(method)
-    if not (trained / ADAPTER_DIR).exists():
-        raise FileNotFoundError(f"{trained / ADAPTER_DIR}: no trained adapter; run the train stage first")
-    rec = policy_from_adapter(params, paths, trained / ADAPTER_DIR, device)
-    return rec, load_item_table(trained / TABLE_DIR)
+    params: Params, backbone_dir: Path, trained_dir: Path, device: torch.device | str | None = None
+) -> tuple[RecModel, ItemTable]:
+    """The trained policy in `trained_dir` (a train stage's output; eval mode) and its item table."""
+    if not (trained_dir / ADAPTER_DIR).exists():
+        raise FileNotFoundError(f"{trained_dir / ADAPTER_DIR}: no trained adapter; run the train stage first")
+    rec = policy_from_adapter(params, backbone_dir, trained_dir / ADAPTER_DIR, device)
+    return rec, ItemTable.load(trained_dir / TABLE_DIR)

@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from rrec.metrics import mask_history
 from rrec.model.aot import AOTDecoder, cache_positions, require_cpp_compiler
 from rrec.model.chat import chat_ids
 from rrec.model.last_layer import last_layer_only_at, unwrap
@@ -113,17 +111,8 @@ class SharedPrefix:
     cache: DynamicCache
 
 
-def score(user_states: torch.Tensor, item_table: torch.Tensor, tau: float) -> torch.Tensor:
-    """Cosine similarity over a temperature: normalize(u) @ normalize(H).T / tau, in float32."""
-    u = F.normalize(user_states.float(), dim=-1)
-    h = F.normalize(item_table.float().to(u.device), dim=-1)
-    return u @ h.T / tau
-
-
 class RecModel(nn.Module):
     """The causal LM `lm` (possibly a peft model) with the recommendation head."""
-
-    score = staticmethod(score)
 
     def __init__(
         self,
@@ -349,15 +338,3 @@ class RecModel(nn.Module):
             past_key_values=cache,
             use_cache=True,
         )
-
-    # ------------------------------------------------------------ ranking
-
-    def rank_scores(
-        self,
-        user_states: torch.Tensor,
-        item_table: torch.Tensor,
-        history: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scores [N, I] at the model's tau, the history items (padded with -1) at -inf."""
-        scores = score(user_states, item_table, self.tau)
-        return mask_history(scores, history.to(scores.device)) if history is not None else scores

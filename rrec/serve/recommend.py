@@ -38,10 +38,10 @@ from transformers import AutoTokenizer
 from rrec.config import Params
 from rrec.metrics import mask_history, pad_histories
 from rrec.model.generation import policy_user_states
-from rrec.model.item_table import load_item_table, save_item_table, update_rows
+from rrec.model.item_table import ItemTable
 from rrec.model.loading import ADAPTER_DIR, TABLE_DIR, TRAIN_SUMMARY, policy_from_adapter
 from rrec.model.tokenizer import CONTROL_TOKENS
-from rrec.model.two_headed import RecModel, score
+from rrec.model.two_headed import RecModel
 from rrec.paths import Paths
 from rrec.prompts import user_messages
 from rrec.serve.catalogue import Catalogue
@@ -125,17 +125,6 @@ def serving_files(paths: Paths, method: str, updates: Path | None = None) -> tup
     return updates / TABLE_DIR, updates / CATALOGUE_FILE
 
 
-@dataclass(frozen=True)
-class _BackboneAt(Paths):
-    """Paths whose backbone lives somewhere else (an MLflow model's artifact)."""
-
-    backbone_dir: Path = Path(".")
-
-    @property
-    def backbone(self) -> Path:
-        return self.backbone_dir
-
-
 def _with_tokenizer(model: RecModel, tokenizer_dir: Path) -> RecModel:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = [tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS]
@@ -175,7 +164,7 @@ class Recommender:
     def __init__(
         self,
         model: RecModel,
-        table: torch.Tensor,
+        table: ItemTable,
         catalogue: Catalogue,
         params: Params,
         *,
@@ -183,14 +172,14 @@ class Recommender:
         reasoning: bool,
         source: str | None = None,
     ) -> None:
-        if table.dim() != 2 or table.shape[0] != len(catalogue):
+        if len(table) != len(catalogue):
             raise ValueError(
-                f"the item table has {tuple(table.shape)} rows but the catalogue {len(catalogue)} "
+                f"the item table has {len(table)} rows but the catalogue {len(catalogue)} "
                 "items; they must come from the same window and items stages"
             )
         self.model = model
         self.model.eval()
-        self.table = table.detach().float().cpu()
+        self.table = ItemTable(table.embeddings.cpu(), table.backbone, table.adapter, table.fingerprint)
         self.catalogue = catalogue
         self.params = params
         self.method = method
@@ -219,12 +208,12 @@ class Recommender:
         if method not in ("recpo", "contrastive"):
             raise ValueError(f"{summary_file}: 'method' must be recpo or contrastive, got {method!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = policy_from_adapter(params, _BackboneAt(backbone_dir=Path(backbone_dir)), Path(adapter_dir), device)
+        model = policy_from_adapter(params, Path(backbone_dir), Path(adapter_dir), device)
         if tokenizer_dir is not None:
             model = _with_tokenizer(model, Path(tokenizer_dir))
         return cls(
             model,
-            load_item_table(Path(table_dir)),
+            ItemTable.load(Path(table_dir)),
             Catalogue.read(Path(catalogue_file)),
             params,
             method=method,
@@ -262,9 +251,7 @@ class Recommender:
     def save(self, directory: Path) -> Path:
         """Write the item table, the catalogue (with removed flags) and `serving.json`."""
         directory = Path(directory)
-        save_item_table(
-            self.table, directory / TABLE_DIR, backbone=self.params.model.backbone, adapter=self.method
-        )
+        self.table.save(directory / TABLE_DIR)
         self.catalogue.write(directory / CATALOGUE_FILE)
         info = {
             "method": self.method,
@@ -278,17 +265,11 @@ class Recommender:
 
     def set_rows(self, item_ids: Sequence[int], rows: torch.Tensor) -> None:
         """Write item-table rows; ids from len(table) on are appended (new items)."""
-        if len(item_ids) == 0:
-            return
-        needed = max(item_ids) + 1
-        if needed > self.table.shape[0]:
-            grow = torch.zeros(needed - self.table.shape[0], self.table.shape[1])
-            self.table = torch.cat([self.table, grow])
-        update_rows(self.table, list(item_ids), rows.float().cpu())
+        self.table.set_rows(list(item_ids), rows.float().cpu())
 
     @property
     def n_items(self) -> int:
-        return int(self.table.shape[0])
+        return len(self.table)
 
     # -------------------------------------------------------------- requests
 
@@ -461,7 +442,7 @@ class Recommender:
         ks: Sequence[int],
     ) -> list[Recommendation]:
         """Top-k of every item but the history's and the removed ones, per user state."""
-        scores = score(states, self.table, self.model.tau)
+        scores = self.table.score(states, self.model.tau)
         scores = mask_history(scores, pad_histories(histories))
         scores[:, self.catalogue.removed_mask()] = float("-inf")
         top = scores.topk(min(max(ks), scores.shape[1]), dim=1)

@@ -6,7 +6,8 @@ gives every stage the same command line (`--params`, `--root`, `--method`), prin
 time spent in the stage's work (`rrec-stage-compute <stage> <seconds>`, read by
 `benchmarks/orchestration_overhead.py`) and turns a failure into one message naming
 what failed and why, with exit status 1 (2 for a parameter file that cannot be used);
-`RREC_DEBUG=1` shows the traceback instead.
+`RREC_DEBUG=1` shows the traceback instead. Stages that compute with the model run
+with `params.threads` torch threads, whatever the machine has.
 """
 
 from __future__ import annotations
@@ -56,8 +57,16 @@ def parse_args(stage: str, argv: list[str] | None, with_method: bool) -> argpars
     return ap.parse_args(argv)
 
 
-def stage_main(stage: str, work: Callable[..., Any], argv: list[str] | None = None, *, with_method: bool = False) -> int:
-    """Run `work(params, paths[, method])` as the stage `stage`; returns the exit status."""
+def stage_main(
+    stage: str,
+    work: Callable[..., Any],
+    argv: list[str] | None = None,
+    *,
+    with_method: bool = False,
+    torch_threads: bool = False,
+) -> int:
+    """Run `work(params, paths[, method])` as the stage `stage`; returns the exit status.
+    `torch_threads`: set torch's CPU threads to `params.threads` first."""
     args = parse_args(stage, argv, with_method)
     name = f"{stage}@{args.method}" if with_method else stage
     debug = bool(os.environ.get(DEBUG_ENV))
@@ -67,6 +76,10 @@ def stage_main(stage: str, work: Callable[..., Any], argv: list[str] | None = No
         print(str(err), file=sys.stderr)
         return 2
     paths = Paths(Path(args.root))
+    if torch_threads:
+        import torch  # only the model stages load torch
+
+        torch.set_num_threads(params.threads)
     start = time.perf_counter()
     try:
         work(params, paths, args.method) if with_method else work(params, paths)
@@ -80,6 +93,6 @@ def stage_main(stage: str, work: Callable[..., Any], argv: list[str] | None = No
     return 0
 
 
-def run(stage: str, work: Callable[..., Any], *, with_method: bool = False) -> None:
+def run(stage: str, work: Callable[..., Any], *, with_method: bool = False, torch_threads: bool = False) -> None:
     """`if __name__ == "__main__": run(...)` of a stage module."""
-    sys.exit(stage_main(stage, work, with_method=with_method))
+    sys.exit(stage_main(stage, work, with_method=with_method, torch_threads=torch_threads))

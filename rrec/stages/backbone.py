@@ -5,4 +5,4 @@ from rrec.model.backbone import build_backbone
 from rrec.stages import run
 
 if __name__ == "__main__":
-    run("backbone", build_backbone)
+    run("backbone", build_backbone, torch_threads=True)

@@ -57,4 +57,4 @@ def evaluate_stage(params: Params, paths: Paths, method: str, *, register: bool 
 
 
 if __name__ == "__main__":
-    run("evaluate", evaluate_stage, with_method=True)
+    run("evaluate", evaluate_stage, with_method=True, torch_threads=True)

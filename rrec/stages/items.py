@@ -5,4 +5,4 @@ from rrec.items import run_items
 from rrec.stages import run
 
 if __name__ == "__main__":
-    run("items", run_items)
+    run("items", run_items, torch_threads=True)

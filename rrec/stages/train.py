@@ -38,4 +38,4 @@ def train_stage(params: Params, paths: Paths, method: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run("train", train_stage, with_method=True)
+    run("train", train_stage, with_method=True, torch_threads=True)

@@ -17,7 +17,7 @@ from transformers import get_constant_schedule_with_warmup
 from rrec.config import METHODS, Params
 from rrec.items import read_item_prompts
 from rrec.model.generation import RolloutEngine, make_engine
-from rrec.model.item_table import load_item_table
+from rrec.model.item_table import ItemTable
 from rrec.model.loading import TABLE_DIR, new_policy, start_from_trained
 from rrec.model.two_headed import RecModel
 from rrec.paths import Paths
@@ -78,7 +78,7 @@ def assemble(
     histories: list[list[int]],
     targets: list[int],
     item_prompt_ids: list[list[int]],
-    table: torch.Tensor | None = None,
+    table: ItemTable | None = None,
     engine: RolloutEngine | None = None,
     accelerator: Any = None,
 ) -> Training:
@@ -118,7 +118,7 @@ def build_training(
     also returns the train prompts."""
     accelerator = accelerator or new_accelerator()
     set_seed(params.train.seed)
-    policy = new_policy(params, paths, device=accelerator.device)
+    policy = new_policy(params, paths.backbone, device=accelerator.device)
     start = starting_point(params, paths, method)
     if start is not None:
         start_from_trained(policy, start)
@@ -126,7 +126,7 @@ def build_training(
     reasoning = method == "recpo"
     table = engine = None
     if reasoning:
-        table = load_item_table(start / TABLE_DIR if start is not None else paths.item_table)
+        table = ItemTable.load(start / TABLE_DIR if start is not None else paths.item_table)
         engine = rollout_engine(params, paths)
     training = assemble(
         params, method, policy,

@@ -128,6 +128,7 @@ class LoopConfig:
     patience: int
     seed: int
     metric: str = "ndcg@10"
+    min_steps: int = 0  # early stopping waits until this step
 
 
 def run_loop(
@@ -166,7 +167,7 @@ def run_loop(
             on_best(progress.step)
         else:
             progress.bad_evals += 1
-        return progress.bad_evals >= cfg.patience
+        return progress.bad_evals >= cfg.patience and progress.step >= cfg.min_steps
 
     while progress.stopped is None:
         if progress.epoch >= cfg.epochs:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from rrec.metrics import mask_history, ndcg_from_ranks, target_ranks
-from rrec.model.two_headed import score
+from rrec.model.item_table import score
 
 AdvantageKind = Literal["grpo", "rloo"]
 TokenAverage = Literal["global", "sequence"]
@@ -257,14 +257,29 @@ def dedupe_targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return unique_items, target_index
 
 
+def target_log_frequency(targets: torch.Tensor, n_items: int) -> torch.Tensor:
+    """log of each item's share of the training targets, [n_items] float32: the logQ
+    correction's sampling probability. An item that is never a target is never an
+    in-batch column either; it gets the count 1 so that the log stays finite."""
+    counts = torch.bincount(targets, minlength=n_items).clamp(min=1).double()
+    return (counts / counts.sum()).log().float()
+
+
 def inbatch_logprob(
-    user_states: torch.Tensor, target_states: torch.Tensor, target_index: torch.Tensor, tau: float
+    user_states: torch.Tensor,
+    target_states: torch.Tensor,
+    target_index: torch.Tensor,
+    tau: float,
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log pi(target | u) under the in-batch softmax over cos/tau against the batch's targets.
 
     user_states [N, d], target_states [M, d] (one row per distinct target item, see
     `dedupe_targets`), target_index [N] the column of each user's own target -> [N] float32.
-    Differentiable in both user_states and target_states.
+    Differentiable in both user_states and target_states. `log_q` [M], if given, is the
+    log of each column's sampling probability, subtracted from its score (logQ
+    correction): the in-batch softmax then estimates the catalogue-wide one instead of
+    one that favours rare items.
     """
     if user_states.dim() != 2 or target_states.dim() != 2 or user_states.shape[1] != target_states.shape[1]:
         raise ValueError(
@@ -277,6 +292,9 @@ def inbatch_logprob(
     if target_index.numel() and (target_index.min() < 0 or target_index.max() >= m):
         raise ValueError(f"target_index must lie in [0, {m}) (the rows of target_states)")
     logits = score(user_states, target_states, tau)
+    if log_q is not None:
+        _check_1d("log_q", log_q, m)
+        logits = logits - log_q.to(logits)
     return logits.log_softmax(dim=-1).gather(1, target_index.view(-1, 1)).squeeze(1)
 
 
@@ -333,13 +351,14 @@ def item_loss(
     eps_low: float,
     eps_high: float,
     topk: int = 1,
+    log_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped item-level policy loss on the best trajectories of each group.
 
     user_states [N, d] and target_states [M, d] carry gradient; target_index [N] maps each
     trajectory to its target's row of target_states; group_index [N] names its user;
-    advantages [N]; old_logprob [N] = `inbatch_logprob` under the rollout policy.
-    In each group the `topk` trajectories by advantage are selected (`select_topk`: ties
+    advantages [N]; old_logprob [N] = `inbatch_logprob` under the rollout policy (with the
+    same `log_q`). In each group the `topk` trajectories by advantage are selected (`select_topk`: ties
     go to the lowest row index). With rho = exp(inbatch_logprob - old_logprob), the loss
     is the mean over the selected trajectories of -min(rho*A, clip(rho, 1-eps_low,
     1+eps_high)*A). (The authors' code divided the same sum by N instead of by the
@@ -353,7 +372,7 @@ def item_loss(
         _check_1d(name, t, n)
     _check_clip(eps_low, eps_high)
     selected = select_topk(advantages, group_index, topk)
-    logp = inbatch_logprob(user_states, target_states, target_index, tau)
+    logp = inbatch_logprob(user_states, target_states, target_index, tau, log_q)
     log_ratio = logp[selected] - old_logprob[selected].detach().float()
     adv = advantages[selected].detach().float()
     per_traj, ratio, low, high = _clipped_surrogate(log_ratio, adv, eps_low, eps_high)
@@ -375,7 +394,12 @@ def item_loss(
 
 
 def contrastive_loss(
-    user_states: torch.Tensor, target_states: torch.Tensor, target_index: torch.Tensor, tau: float
+    user_states: torch.Tensor,
+    target_states: torch.Tensor,
+    target_index: torch.Tensor,
+    tau: float,
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """In-batch softmax cross-entropy (paper eq. 1): mean of -log pi(target | u) over users."""
-    return -inbatch_logprob(user_states, target_states, target_index, tau).mean()
+    """In-batch softmax cross-entropy (paper eq. 1): mean of -log pi(target | u) over users
+    (`log_q`: see `inbatch_logprob`)."""
+    return -inbatch_logprob(user_states, target_states, target_index, tau, log_q).mean()

@@ -14,6 +14,7 @@ import csv
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 
 from rrec.config import METHODS, Params
 from rrec.items import encode_items
-from rrec.model.item_table import save_item_table
+from rrec.model.item_table import ItemTable
 from rrec.model.loading import ADAPTER_DIR, TABLE_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
 from rrec.model.lora import save_adapter
 from rrec.paths import Paths
@@ -91,7 +92,7 @@ class Trainer:
         # the same seeded users for every method and every evaluation (all by default)
         self.valid_users = load_user_prompts(paths, "valid").sample_users(tp.eval_max_users, params.seed)
         self.titles = item_titles(paths)
-        self.eval_table: torch.Tensor | None = None
+        self.eval_table: ItemTable | None = None
 
     def step(self, batch: Any, step: int) -> dict[str, float]:
         return self.training.step(batch, step)
@@ -113,7 +114,7 @@ class Trainer:
             meta={"backbone": params.model.backbone, "adapter": f"{training.method}@{step}"},
         )
         if training.step.table is not None:  # the whole table is re-encoded before every evaluation
-            training.step.table.copy_(self.eval_table)
+            training.step.table.copy_from(self.eval_table)
         metrics, details = evaluate_policy(
             policy, self.eval_table, self.valid_users, reasoning=training.reasoning, ks=params.evaluate.ks,
             max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size, progress=self.main,
@@ -134,8 +135,7 @@ class Trainer:
         best, tmp = self.ckpt_dir / "best", self.ckpt_dir / ".best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(self.training.policy.lm, tmp / ADAPTER_DIR)
-        save_item_table(self.eval_table, tmp / TABLE_DIR, backbone=self.params.model.backbone,
-                        adapter=f"{self.training.method}@{step}")
+        replace(self.eval_table, fingerprint=None).save(tmp / TABLE_DIR)
         (tmp / "best.json").write_text(json.dumps({"step": step}) + "\n")
         old = self.ckpt_dir / ".best.old"
         if best.exists():
@@ -159,7 +159,7 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
     accelerator.register_for_checkpointing(training.ctx.scheduler)
     if training.step.table is not None:
         # the training table changes every step (refreshed rows): it is part of the checkpoint
-        accelerator.register_for_checkpointing(_TensorState(training.step.table))
+        accelerator.register_for_checkpointing(_TensorState(training.step.table.embeddings))
 
     ckpt_dir = paths.checkpoints(method) / fingerprint(
         method, params.model.model_dump(mode="json"), tp.model_dump(mode="json"),
@@ -191,6 +191,7 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
         cfg = LoopConfig(
             n_examples=len(train_users), batch_size=tp.batch_size, epochs=tp.epochs, max_steps=tp.steps_for(method),
             eval_every=tp.eval_every, checkpoint_every=tp.checkpoint_every, patience=tp.patience, seed=tp.seed,
+            min_steps=tp.min_steps,
         )
         progress = run_loop(
             cfg, accelerator, checkpoints, trainer.step, trainer.evaluate, trainer.save_best, trainer.log,

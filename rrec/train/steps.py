@@ -8,7 +8,7 @@ global batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 from rrec.config import Params
 from rrec.metrics import pad_histories
 from rrec.model.generation import Rollout, RolloutEngine
-from rrec.model.item_table import update_rows
+from rrec.model.item_table import ItemTable
 from rrec.model.two_headed import RecModel
 from rrec.train.distributed import gather_no_grad, gather_with_grad, share
 from rrec.train.objectives import (
@@ -29,6 +29,7 @@ from rrec.train.objectives import (
     item_loss,
     rewards,
     select_topk,
+    target_log_frequency,
     tied_group_fallback,
     token_loss,
 )
@@ -47,6 +48,17 @@ class StepContext:
     histories: list[list[int]]
     targets: list[int]
     item_prompt_ids: list[list[int]]  # per item id
+    _log_q: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.params.train.logq_correction:
+            self._log_q = target_log_frequency(torch.tensor(self.targets, dtype=torch.long), len(self.item_prompt_ids))
+
+    def column_log_q(self, items: list[int]) -> torch.Tensor | None:
+        """The logQ correction of the in-batch columns `items` (None when it is off)."""
+        if self._log_q is None:
+            return None
+        return self._log_q[torch.tensor(items, dtype=torch.long)].to(self.accelerator.device)
 
     @property
     def policy(self) -> RecModel:
@@ -114,7 +126,7 @@ class ContrastiveStep:
         states = ctx.model(ids, mask)
         users, item_states = states[: len(local)], gather_with_grad(states[len(local) :], ctx.world)[: len(items)]
         target_index = torch.tensor([column[ctx.targets[i]] for i in local], device=users.device)
-        loss = contrastive_loss(users, item_states, target_index, ctx.params.model.tau)
+        loss = contrastive_loss(users, item_states, target_index, ctx.params.model.tau, ctx.column_log_q(items))
         r_inbatch = inbatch_reward(users.detach(), item_states.detach(), target_index, ctx.params.model.tau, ctx.params.train.recpo.beta)
         ctx.accelerator.backward(loss)
         grad_norm = ctx.optimiser_step()
@@ -149,10 +161,10 @@ class RecPOStep:
     the token term on every trajectory plus the item term on the best ones; in two
     phases, `collect` then `update`, as GRPO trainers read."""
 
-    def __init__(self, ctx: StepContext, engine: RolloutEngine, table: torch.Tensor) -> None:
+    def __init__(self, ctx: StepContext, engine: RolloutEngine, table: ItemTable) -> None:
         self.ctx = ctx
         self.engine = engine
-        self.table = table  # [n_items, d], rows of trained targets refreshed after each step
+        self.table = table  # rows of trained targets refreshed after each step
 
     def __call__(self, batch: np.ndarray, step: int) -> dict[str, float]:
         return self.update(self.collect(batch))
@@ -172,7 +184,7 @@ class RecPOStep:
         history = pad_histories([ctx.histories[i] for i in local for _ in range(g)])
         users = roll.user_states.to(device)
         r, r_d, r_c = rewards(
-            users, self.table.to(device), targets.to(device), history.to(device), p.model.tau, tp.beta, tp.ndcg_cutoff,
+            users, self.table.embeddings.to(device), targets.to(device), history.to(device), p.model.tau, tp.beta, tp.ndcg_cutoff,
         )
         # pi_old(target | x, o): in-batch softmax with item states of the policy that sampled
         items, column, mine = ctx.batch_targets(batch)
@@ -183,7 +195,7 @@ class RecPOStep:
             advantages=group_advantages(r, g, tp.advantage),
             group_index=torch.arange(len(local), device=device).repeat_interleave(g),
             items=items, mine=mine, target_index=target_index,
-            old_item_logprob=inbatch_logprob(users, old_items, target_index, p.model.tau),
+            old_item_logprob=inbatch_logprob(users, old_items, target_index, p.model.tau, ctx.column_log_q(items)),
             inbatch_reward=inbatch_reward(users, old_items, target_index, p.model.tau, tp.beta),
         )
 
@@ -228,14 +240,14 @@ class RecPOStep:
         users, item_states = states[: len(sel)], gather_with_grad(states[len(sel) :], ctx.world)[: len(exp.items)]
         i_loss, i_stats = item_loss(
             users, item_states, exp.target_index[sel], exp.group_index[sel], item_adv[sel], exp.old_item_logprob[sel],
-            p.model.tau, tp.eps_low, tp.eps_high, topk=tp.item_topk,
+            p.model.tau, tp.eps_low, tp.eps_high, topk=tp.item_topk, log_q=ctx.column_log_q(exp.items),
         )
         ctx.accelerator.backward(i_loss)
         grad_norm = ctx.optimiser_step()
 
         # 5. refresh the rows of this batch's target items
         fresh = ctx.encode_items_no_grad(exp.items, exp.mine).cpu()
-        update_rows(self.table, exp.items, fresh)
+        self.table.update_rows(exp.items, fresh)
         self.engine.sync_weights(policy)
 
         lengths = torch.tensor(roll.lengths, dtype=torch.float32)

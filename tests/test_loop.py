@@ -1,0 +1,46 @@
+"""The training loop's stopping rules, with a scripted validation curve."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from rrec.train.loop import LoopConfig, Progress, run_loop
+
+
+class _NoCheckpoints:
+    def save(self, progress: Progress) -> None:
+        pass
+
+
+def _run(curve: list[float], **cfg: Any) -> tuple[Progress, list[int]]:
+    """Evaluations every 10 steps read `curve` in order; returns the progress and the
+    steps whose model was saved as the best."""
+    values = iter(curve)
+    saved: list[int] = []
+    config = LoopConfig(n_examples=1000, batch_size=10, epochs=1, max_steps=None, eval_every=10,
+                        checkpoint_every=1000, patience=2, seed=0, **cfg)
+    progress = run_loop(
+        config, SimpleNamespace(is_main_process=False), _NoCheckpoints(),
+        step_fn=lambda batch, step: {"loss": 1.0},
+        eval_fn=lambda step: {"ndcg@10": next(values)},
+        on_best=saved.append, log_fn=lambda scalars, step: None,
+    )
+    return progress, saved
+
+
+PLATEAU_THEN_LEARNS = [0.010, 0.004, 0.008, 0.009, 0.030, 0.040, 0.035, 0.036, 0.037, 0.038]
+
+
+def test_patience_alone_stops_on_an_early_plateau() -> None:
+    progress, saved = _run(PLATEAU_THEN_LEARNS)
+    assert progress.stopped == "early_stopping" and progress.step == 30
+    assert saved == [10] and progress.best_metric == 0.010
+
+
+def test_min_steps_waits_out_the_plateau_then_patience_applies() -> None:
+    progress, saved = _run(PLATEAU_THEN_LEARNS, min_steps=50)
+    # 20, 30, 40 do not improve on 10, but nothing stops before step 50; 50 and 60 improve,
+    # 70 and 80 do not: stopped at 80 with the model of step 60
+    assert progress.stopped == "early_stopping" and progress.step == 80
+    assert saved == [10, 50, 60] and progress.best_step == 60 and progress.best_metric == 0.040
