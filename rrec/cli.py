@@ -183,7 +183,7 @@ def catalogue_add(
     root: RootOpt = ".",
 ) -> None:
     """Add items (new parent_asin) or replace them (known parent_asin), cleaned like the window stage."""
-    from rrec.serve.catalogue import add_items_from_file
+    from rrec.serve.catalogue_updates import add_items_from_file
 
     _updated(params, root, method, out, lambda rec: add_items_from_file(rec, meta), publish)
 
@@ -198,7 +198,7 @@ def catalogue_remove(
     root: RootOpt = ".",
 ) -> None:
     """Stop recommending items (their ids and rows stay, masked)."""
-    from rrec.serve.catalogue import remove_items
+    from rrec.serve.catalogue_updates import remove_items
 
     _updated(params, root, method, out, lambda rec: remove_items(rec, asin), publish)
 

@@ -213,7 +213,7 @@ def _raw_meta(paths: Paths, params: Params, asin: str) -> dict:
 
 
 def test_added_items_with_wrongly_typed_fields_are_counted(base: Recommender, trained):
-    from rrec.serve.catalogue import add_or_replace_items
+    from rrec.serve.catalogue_updates import add_or_replace_items
 
     params, paths = trained
     rec = fresh(base)

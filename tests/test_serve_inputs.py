@@ -16,7 +16,8 @@ from rrec.config import Params, parse_params
 from rrec.data.schema import ITEMS
 from rrec.model.item_table import ItemTable
 from rrec.serve import recommend as recommend_module
-from rrec.serve.catalogue import Catalogue, add_items_from_file, add_or_replace_items
+from rrec.serve.catalogue import Catalogue
+from rrec.serve.catalogue_updates import add_items_from_file, add_or_replace_items
 
 GOOD = json.dumps({"parent_asin": "NEW0000001", "title": "A New Game", "price": 19.99})
 MALFORMED = ['{"parent_asin": "NEW0000002", "title": "cut', "not json at all"]

@@ -16,7 +16,7 @@ entry without a timestamp reads as "now" (`0d 0.0h ago`), one without a rating a
 training), but every entry is masked. Bad input raises `RequestError` naming the request,
 the entry and the field.
 
-Catalogue updates (`rrec.serve.catalogue`) persist with `Recommender.save(dir)`; the CLI
+Catalogue updates (`rrec.serve.catalogue_updates`) persist with `Recommender.save(dir)`; the CLI
 keeps them in `models/serving/<method>/`, which `Recommender.from_dir` reads when present.
 """
 
