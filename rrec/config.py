@@ -218,6 +218,9 @@ class RecPOParams(_Strict):
     # a cap on RecPO's optimiser steps on top of train.max_steps: a RecPO step samples
     # group_size reasonings per user, so it costs many contrastive steps
     max_steps: int | None = Field(50, ge=1)
+    # RecPO's learning rate (null: train.lr). RL fine-tunes a trained model, whose
+    # state a supervised rate can knock off (docs/learning.md)
+    lr: float | None = Field(None, gt=0)
 
 
 METHODS = ("contrastive", "recpo")  # the LLM training methods; dvc.yaml trains them in this order
@@ -260,6 +263,10 @@ class TrainParams(_Strict):
         """The step budget of `method`: train.max_steps, capped by recpo.max_steps for RecPO."""
         caps = [s for s in (self.max_steps, self.recpo.max_steps if method == "recpo" else None) if s is not None]
         return min(caps) if caps else None
+
+    def lr_for(self, method: str) -> float:
+        """The learning rate of `method`: train.lr, or recpo.lr for RecPO when set."""
+        return self.recpo.lr if method == "recpo" and self.recpo.lr is not None else self.lr
 
     @field_validator("methods")
     @classmethod

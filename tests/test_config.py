@@ -102,6 +102,13 @@ def test_recpo_step_cap(max_steps, recpo_cap, contrastive, recpo):
     assert train.steps_for("recpo") == recpo
 
 
+@pytest.mark.parametrize(("recpo_lr", "expected"), [(None, 3e-4), (1e-4, 1e-4)])
+def test_recpo_learning_rate_defaults_to_the_shared_one(recpo_lr, expected):
+    train = Params.model_validate({"train": {"lr": 3e-4, "recpo": {"lr": recpo_lr}}}).train
+    assert train.lr_for("contrastive") == 3e-4
+    assert train.lr_for("recpo") == expected
+
+
 def test_training_reruns_when_any_model_setting_but_the_inference_ones_changes():
     from rrec.config import ModelParams
 

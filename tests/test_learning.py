@@ -149,3 +149,16 @@ def test_item_term_alone_learns():
     loss, _ = item_loss(users, items, index, torch.arange(len(batch)).repeat_interleave(g), adv, old, 0.1, 0.2, 0.28)
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in rec.parameters())
+
+
+@pytest.mark.parametrize(("method", "expected"), [("contrastive", 3e-3), ("recpo", 5e-4)])
+def test_each_method_trains_at_its_learning_rate(method, expected):
+    rec, item_ids, user_ids, targets, params, engine = _setup(1)
+    params = params.model_copy(update={"train": params.train.model_copy(
+        update={"recpo": params.train.recpo.model_copy(update={"lr": 5e-4})})})
+    training = assemble(
+        params, method, rec, user_prompt_ids=user_ids, histories=[[] for _ in user_ids], targets=targets,
+        item_prompt_ids=item_ids, table=ItemTable(torch.zeros(len(item_ids), 32)), engine=engine,
+        accelerator=Accelerator(cpu=True),
+    )  # fmt: skip
+    assert [g["initial_lr"] for g in training.ctx.optimizer.param_groups] == [expected]

@@ -171,7 +171,10 @@ def test_pretraining_lowers_heldout_perplexity(built: tuple[Params, Paths, dict[
     _, paths, metrics = built
     on_disk = json.loads((paths.backbone / PRETRAIN_METRICS).read_text())
     assert on_disk == metrics
-    assert metrics["steps_done"] == TINY["pretrain_steps"] and metrics["over_time"] is False
+    assert metrics["steps_done"] == TINY["pretrain_steps"]
+    # nothing about the machine's speed in the saved backbone, so its hash depends only
+    # on params and data
+    assert "seconds" not in on_disk and "over_time" not in on_disk
     # an untrained model is near-uniform over the 500 ids; 40 steps must at least halve that
     assert metrics["perplexity_before"] > 250
     assert metrics["perplexity_after"] < 0.5 * metrics["perplexity_before"]

@@ -140,7 +140,9 @@ class PretrainResult:
     final_answer_state_mean: float | None = None
 
     def as_dict(self) -> dict[str, float | int | str | None]:
-        return asdict(self)
+        """What the run computed, without how long it took on this machine (`seconds`,
+        `over_time`): saved with the backbone, whose bytes must not depend on load."""
+        return {k: v for k, v in asdict(self).items() if k not in ("seconds", "over_time")}
 
 
 def pretrain(

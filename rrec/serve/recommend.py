@@ -28,7 +28,7 @@ import math
 import numbers
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ class Recommender:
             )
         self.model = model
         self.model.eval()
-        self.table = ItemTable(table.embeddings.cpu(), table.backbone, table.adapter, table.fingerprint)
+        self.table = replace(table, embeddings=table.embeddings.cpu())
         self.catalogue = catalogue
         self.params = params
         self.method = method

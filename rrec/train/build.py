@@ -25,16 +25,17 @@ from rrec.prompts import UserPrompts, load_user_prompts
 from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
 
 
-def make_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; bitsandbytes' paged 8-bit AdamW on a GPU
-    when it is installed (the paper's memory setting)."""
+def make_optimizer(model: torch.nn.Module, params: Params, method: str) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters at `method`'s learning rate; bitsandbytes'
+    paged 8-bit AdamW on a GPU when it is installed (the paper's memory setting)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    lr = params.train.lr_for(method)
     if torch.cuda.is_available():
         with contextlib.suppress(ImportError):
             import bitsandbytes as bnb
 
-            return bnb.optim.PagedAdamW8bit(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay)
-    return torch.optim.AdamW(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay)
+            return bnb.optim.PagedAdamW8bit(trainable, lr=lr, weight_decay=params.train.weight_decay)
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=params.train.weight_decay)
 
 
 def new_accelerator() -> Accelerator:
@@ -88,7 +89,7 @@ def assemble(
     if method not in METHODS:
         raise ValueError(f"unknown training method {method!r}; expected contrastive or recpo")
     accelerator = accelerator or new_accelerator()
-    optimizer = make_optimizer(policy, params)
+    optimizer = make_optimizer(policy, params, method)
     scheduler = get_constant_schedule_with_warmup(optimizer, params.train.warmup_steps)
     model, optimizer = accelerator.prepare(policy, optimizer)
     ctx = StepContext(

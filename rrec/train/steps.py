@@ -154,6 +154,7 @@ class Experience:
     target_index: torch.Tensor  # [B*G] column of each trajectory's target in `items`
     old_item_logprob: torch.Tensor  # [B*G] log pi_old(target | x, o), in-batch softmax
     inbatch_reward: torch.Tensor  # [B*G] the reward formula over the batch's targets
+    log_q: torch.Tensor | None  # [M] the logQ correction of the `items` columns, if on
 
 
 class RecPOStep:
@@ -190,13 +191,15 @@ class RecPOStep:
         items, column, mine = ctx.batch_targets(batch)
         target_index = torch.tensor([column[int(t)] for t in targets], device=device)
         old_items = ctx.encode_items_no_grad(items, mine).to(device)
+        log_q = ctx.column_log_q(items)
         return Experience(
             rollout=roll, local=local, rewards=r, reward_d=r_d, reward_c=r_c,
             advantages=group_advantages(r, g, tp.advantage),
             group_index=torch.arange(len(local), device=device).repeat_interleave(g),
             items=items, mine=mine, target_index=target_index,
-            old_item_logprob=inbatch_logprob(users, old_items, target_index, p.model.tau, ctx.column_log_q(items)),
+            old_item_logprob=inbatch_logprob(users, old_items, target_index, p.model.tau, log_q),
             inbatch_reward=inbatch_reward(users, old_items, target_index, p.model.tau, tp.beta),
+            log_q=log_q,
         )
 
     def update(self, exp: Experience) -> dict[str, float]:
@@ -240,7 +243,7 @@ class RecPOStep:
         users, item_states = states[: len(sel)], gather_with_grad(states[len(sel) :], ctx.world)[: len(exp.items)]
         i_loss, i_stats = item_loss(
             users, item_states, exp.target_index[sel], exp.group_index[sel], item_adv[sel], exp.old_item_logprob[sel],
-            p.model.tau, tp.eps_low, tp.eps_high, topk=tp.item_topk, log_q=ctx.column_log_q(exp.items),
+            p.model.tau, tp.eps_low, tp.eps_high, topk=tp.item_topk, log_q=exp.log_q,
         )
         ctx.accelerator.backward(i_loss)
         grad_norm = ctx.optimiser_step()

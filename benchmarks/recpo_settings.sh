@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# RecPO's rollout temperature, reasoning length and learning rate, each run 100 steps from
+# models/trained/contrastive with validation (all valid users) every 25 steps: the runs
+# behind docs/learning.md's RecPO settings table. Needs `dvc repro train@contrastive`
+# first; about 5 min a run on 2 cores. Prints each run's name and its evaluation lines.
+#
+#   bash benchmarks/recpo_settings.sh                # every run
+#   bash benchmarks/recpo_settings.sh t1.0_lr1e-4    # the runs whose name contains this
+set -euo pipefail
+py=${PYTHON:-python}
+only=${1:-}
+# the committed defaults are T 1.0, lr 1e-4: every run states all three settings
+runs=(
+    't1.5_lr3e-4_tok24 {"train.rollout.temperature": 1.5, "train.recpo.lr": 0.0003}'
+    't1.5_lr3e-4_tok8 {"train.rollout.temperature": 1.5, "train.recpo.lr": 0.0003, "train.rollout.max_new_tokens": 8, "evaluate.max_new_tokens": 8}'
+    't1.0_lr3e-4_tok24 {"train.rollout.temperature": 1.0, "train.recpo.lr": 0.0003}'
+    't1.0_lr3e-4_tok8 {"train.rollout.temperature": 1.0, "train.recpo.lr": 0.0003, "train.rollout.max_new_tokens": 8, "evaluate.max_new_tokens": 8}'
+    't1.5_lr1e-4_tok24 {"train.rollout.temperature": 1.5, "train.recpo.lr": 0.0001}'
+    't1.0_lr1e-4_tok24 {"train.rollout.temperature": 1.0, "train.recpo.lr": 0.0001}'
+)
+for run in "${runs[@]}"; do
+    name=${run%% *}
+    overrides=${run#* }
+    [[ -n "$only" && "$name" != *"$only"* ]] && continue
+    echo "=== $name"
+    "$py" benchmarks/learning_curves.py recpo "{\"steps\": 100, \"every\": 25, ${overrides#\{}" 2>&1 \
+        | tr '\r' '\n' | grep --line-buffered '"step"'
+done
