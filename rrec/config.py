@@ -197,9 +197,9 @@ class ItemsParams(_Strict):
 class RolloutParams(_Strict):
     engine: Literal["hf", "vllm"] = "hf"
     group_size: int = Field(4, ge=1)
-    temperature: float = Field(1.5, gt=0)
+    temperature: float = Field(1.0, gt=0)
     top_k: int = Field(200, ge=0)
-    max_new_tokens: int = Field(24, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
 
 
 class RecPOParams(_Strict):
@@ -217,10 +217,10 @@ class RecPOParams(_Strict):
     ndcg_cutoff: int = Field(1000, ge=1)
     # a cap on RecPO's optimiser steps on top of train.max_steps: a RecPO step samples
     # group_size reasonings per user, so it costs many contrastive steps
-    max_steps: int | None = Field(50, ge=1)
+    max_steps: int | None = Field(75, ge=1)
     # RecPO's learning rate (null: train.lr). RL fine-tunes a trained model, whose
     # state a supervised rate can knock off (docs/learning.md)
-    lr: float | None = Field(None, gt=0)
+    lr: float | None = Field(1e-4, gt=0)
 
 
 METHODS = ("contrastive", "recpo")  # the LLM training methods; dvc.yaml trains them in this order
@@ -243,7 +243,7 @@ class TrainParams(_Strict):
     # validation during training: every example of this many seeded random users
     # (null: the whole valid split)
     eval_max_users: int | None = Field(None, ge=1)
-    patience: int = Field(3, ge=1)
+    patience: int = Field(2, ge=1)
     # no early stopping before this step: the contrastive loss sits at ln(batch) for its
     # first 150-200 steps, and patience alone would stop it there
     min_steps: int = Field(300, ge=0)
@@ -282,7 +282,7 @@ class TrainParams(_Strict):
 class EvaluateParams(_Strict):
     ks: list[int] = [5, 10, 20]
     batch_size: int = Field(64, ge=1)
-    max_new_tokens: int = Field(24, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
     # every example of this many seeded random users (params.seed), the same for every
     # method; null: the whole split
     max_users: int | None = Field(None, ge=1)
