@@ -9,14 +9,14 @@
 set -euo pipefail
 py=${PYTHON:-python}
 only=${1:-}
-# the committed defaults are T 1.0, lr 1e-4: every run states all three settings
+# every run states all three settings, whatever params.yaml holds
 runs=(
-    't1.5_lr3e-4_tok24 {"train.rollout.temperature": 1.5, "train.recpo.lr": 0.0003}'
+    't1.5_lr3e-4_tok24 {"train.rollout.temperature": 1.5, "train.recpo.lr": 0.0003, "train.rollout.max_new_tokens": 24, "evaluate.max_new_tokens": 24}'
     't1.5_lr3e-4_tok8 {"train.rollout.temperature": 1.5, "train.recpo.lr": 0.0003, "train.rollout.max_new_tokens": 8, "evaluate.max_new_tokens": 8}'
-    't1.0_lr3e-4_tok24 {"train.rollout.temperature": 1.0, "train.recpo.lr": 0.0003}'
+    't1.0_lr3e-4_tok24 {"train.rollout.temperature": 1.0, "train.recpo.lr": 0.0003, "train.rollout.max_new_tokens": 24, "evaluate.max_new_tokens": 24}'
     't1.0_lr3e-4_tok8 {"train.rollout.temperature": 1.0, "train.recpo.lr": 0.0003, "train.rollout.max_new_tokens": 8, "evaluate.max_new_tokens": 8}'
-    't1.5_lr1e-4_tok24 {"train.rollout.temperature": 1.5, "train.recpo.lr": 0.0001}'
-    't1.0_lr1e-4_tok24 {"train.rollout.temperature": 1.0, "train.recpo.lr": 0.0001}'
+    't1.5_lr1e-4_tok24 {"train.rollout.temperature": 1.5, "train.recpo.lr": 0.0001, "train.rollout.max_new_tokens": 24, "evaluate.max_new_tokens": 24}'
+    't1.0_lr1e-4_tok24 {"train.rollout.temperature": 1.0, "train.recpo.lr": 0.0001, "train.rollout.max_new_tokens": 24, "evaluate.max_new_tokens": 24}'
 )
 for run in "${runs[@]}"; do
     name=${run%% *}

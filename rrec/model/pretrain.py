@@ -132,17 +132,16 @@ def _lr_factor(step: int, steps: int) -> float:
 
 @dataclass(frozen=True)
 class PretrainResult:
+    """What the run computed, saved with the backbone. Nothing about how long it took:
+    the backbone's bytes (and DVC hash) must not depend on how busy the machine was."""
+
     steps_done: int
     steps_planned: int
-    over_time: bool  # passed warn_after_s (a warning, never a cut)
-    seconds: float
     final_train_loss: float | None
     final_answer_state_mean: float | None = None
 
     def as_dict(self) -> dict[str, float | int | str | None]:
-        """What the run computed, without how long it took on this machine (`seconds`,
-        `over_time`): saved with the backbone, whose bytes must not depend on load."""
-        return {k: v for k, v in asdict(self).items() if k not in ("seconds", "over_time")}
+        return asdict(self)
 
 
 def pretrain(
@@ -211,8 +210,6 @@ def pretrain(
     return PretrainResult(
         steps_done=done,
         steps_planned=steps,
-        over_time=warned,
-        seconds=round(time.monotonic() - start, 2),
         final_train_loss=last_loss,
         final_answer_state_mean=last_spread,
     )
