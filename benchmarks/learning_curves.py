@@ -9,8 +9,11 @@ onto one direction). Nothing is written to the project.
     python benchmarks/learning_curves.py recpo '{"steps": 150, "every": 50}'   # from models/trained/contrastive
     python benchmarks/learning_curves.py recpo '{"steps": 150, "train.recpo.init": "backbone"}'
     ROOT=/path/to/other/project python benchmarks/learning_curves.py contrastive '{"model.tau": 0.05}'
+    # control for RecPO: the contrastive model trained on as RecPO is (75 steps at its lr)
+    python benchmarks/learning_curves.py contrastive '{"steps": 75, "every": 25, "from_trained": "contrastive", "train.lr": 1e-4}'
 
-Keys other than steps and every are dotted params overrides.
+Keys other than steps, every and from_trained (start from models/trained/<method>, as
+`train.recpo.init` does for RecPO) are dotted params overrides.
 """
 
 import json
@@ -25,6 +28,7 @@ import torch
 
 from rrec.config import load_params
 from rrec.items import encode_items
+from rrec.model.loading import start_from_trained
 from rrec.paths import Paths
 from rrec.prompts import load_user_prompts
 from rrec.ranking import evaluate_policy
@@ -35,12 +39,15 @@ method = sys.argv[1]
 ov = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
 steps = int(ov.pop("steps", 200))
 every = int(ov.pop("every", 50))
+from_trained = ov.pop("from_trained", None)
 
 ROOT = os.environ.get("ROOT", ".")
 params = load_params(ROOT + "/params.yaml", ov)
 paths = Paths(Path(ROOT))
 training, train = build_training(params, paths, method)
 rec = training.policy
+if from_trained:
+    start_from_trained(rec, paths.trained(from_trained))  # in place: the optimiser's tensors
 valid = load_user_prompts(paths, "valid")
 item_ids = training.ctx.item_prompt_ids
 reasoning = training.reasoning

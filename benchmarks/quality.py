@@ -10,6 +10,13 @@ not links: MLflow refuses to log a model whose files resolve outside the project
     python benchmarks/quality.py                      # seeds 0 1 2, params.yaml as it is
     python benchmarks/quality.py --seeds 0 1 -S train.recpo.max_steps=30
 
+With `--workdir DIR` the per-seed projects are kept in DIR/seed-N, and a method whose
+params are unchanged since its last run there is not trained again: comparing RecPO
+settings then retrains only RecPO, from the same contrastive models. Contrastive reads
+no `train.recpo`, `train.rollout` or `evaluate.max_new_tokens`, so changing them keeps it.
+The projects hold a copy of the data and models as they were: after `dvc repro` changes
+them, start a new DIR.
+
 Run `dvc repro items` (or the whole pipeline) first.
 """
 
@@ -34,6 +41,8 @@ from rrec.train.run import run_train
 
 SHARED = ("data/processed", "data/prompts", "models/backbone", "models/item_table", "dvc.lock")
 COLUMNS = ("ndcg@10", "hit@10", "ndcg@20", "hit@20")
+# params a method never reads, so changing them keeps its earlier result in --workdir
+UNREAD = {"contrastive": (("train", "recpo"), ("train", "rollout"), ("evaluate", "max_new_tokens"))}
 
 
 def _scratch(root: Path, into: Path) -> Paths:
@@ -55,15 +64,43 @@ def _parse_overrides(items: list[str]) -> dict[str, object]:
     return out
 
 
-def _one_seed(root: Path, seed: int, methods: list[str], overrides: list[str], out: Path) -> None:
+def _method_key(params_json: dict, method: str) -> str:
+    key = json.loads(json.dumps(params_json))
+    for section, name in UNREAD.get(method, ()):
+        key[section].pop(name)
+    return json.dumps(key, sort_keys=True)
+
+
+def _train_and_evaluate(params, paths: Paths, methods: list[str]) -> dict:
+    """Each method's evaluation (plus the reference rows), reusing a kept result whose
+    params key matches (see --workdir)."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for method in methods:
+        kept = paths.root / f"quality-{method}.json"
+        key = _method_key(params.model_dump(mode="json"), method)
+        if kept.exists() and json.loads(kept.read_text())["key"] == key:
+            print(f"{method}: unchanged params, its kept result is reused", flush=True)
+            results.update(json.loads(kept.read_text())["results"])
+            continue
+        run_train(params, paths, method)
+        evaluated = evaluate_stage(params, paths, method, register=False)["methods"]
+        kept.write_text(json.dumps({"key": key, "results": evaluated}))
+        results.update(evaluated)
+    return results
+
+
+def _one_seed(
+    root: Path, seed: int, methods: list[str], overrides: list[str], out: Path, workdir: Path | None
+) -> None:
     params = load_params(root / "params.yaml", {**_parse_overrides(overrides), "train.seed": seed})
     torch.set_num_threads(params.threads)  # as the train and evaluate stages do
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix=f"rrec-quality-{seed}-") as tmp:
-        paths = _scratch(root, Path(tmp))
-        for method in methods:
-            run_train(params, paths, method)
-            results.update(evaluate_stage(params, paths, method, register=False)["methods"])
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix=f"rrec-quality-{seed}-") as tmp:
+            results = _train_and_evaluate(params, _scratch(root, Path(tmp)), methods)
+    else:
+        project = workdir / f"seed-{seed}"
+        paths = Paths(project) if project.exists() else _scratch(root, project)
+        results = _train_and_evaluate(params, paths, methods)
     out.write_text(json.dumps(results))
 
 
@@ -78,11 +115,12 @@ def main() -> None:
         "-S", dest="overrides", action="append", default=[], help="key=value on top of params.yaml"
     )
     ap.add_argument("--out", type=Path, help="also write the per-seed results as JSON here")
+    ap.add_argument("--workdir", type=Path, help="keep the per-seed projects here and reuse unchanged methods")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # one seed, results to this file
     args = ap.parse_args()
     root = args.root.resolve()
     if args.worker:
-        _one_seed(root, args.seeds[0], args.methods, args.overrides, args.worker)
+        _one_seed(root, args.seeds[0], args.methods, args.overrides, args.worker, args.workdir)
         return
 
     per_seed: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -94,6 +132,8 @@ def main() -> None:
             overrides = [a for o in args.overrides for a in ("-S", o)]
             cmd = [sys.executable, __file__, "--root", str(root), "--seeds", str(seed)]
             cmd += ["--worker", str(result), "--methods", *args.methods, *overrides]
+            if args.workdir:
+                cmd += ["--workdir", str(args.workdir.resolve())]
             subprocess.run(cmd, check=True)
             for name, by_split in json.loads(result.read_text()).items():
                 if name in args.methods:
