@@ -115,6 +115,9 @@ class PromptParams(_Strict):
 # -------------------------------------------------------------------------- model
 
 
+PretrainFormat = Literal["prompts", "answers", "learn_answer", "last_title"]
+
+
 class TinyBackboneParams(_Strict):
     """The embedded default backbone: a small Qwen2-style decoder built offline."""
 
@@ -131,12 +134,12 @@ class TinyBackboneParams(_Strict):
     pretrain_batch_size: int = Field(8, ge=1)
     pretrain_seq_len: int = Field(256, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0)
-    # pre-train on documents in the answer format (rrec.model.backbone.pretrain_documents:
-    # `<answer>` followed by the item's or the next item's title, a short reasoning on half
-    # of the user documents); false: on the prompts alone
-    pretrain_answers: bool = False
-    # (without the answer format) every prompt document ends with a learned `<answer>`
-    pretrain_learn_answer: bool = False
+    # what the tiny backbone is pre-trained on (rrec.model.backbone.pretrain_documents):
+    # `prompts` (the prompts alone), `answers` (`<answer>` followed by the item's or the
+    # next item's title, a short reasoning on half of the user documents), `learn_answer`
+    # (every prompt ends with a learned `<answer>`), `last_title` (each train-split user
+    # prompt is answered by the title of the user's last item, then `<answer>`)
+    pretrain_format: PretrainFormat = "prompts"
     # weight of the term that keeps the final states at `<answer>` spread out
     # (rrec.model.pretrain.answer_state_mean); 0 turns it off
     pretrain_answer_spread: float = Field(0.0, ge=0)

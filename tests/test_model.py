@@ -45,8 +45,11 @@ from rrec.model.backbone import (
     BACKBONE_JSON,
     PRETRAIN_METRICS,
     build_tiny_model,
+    plain_ids,
+    pretrain_documents,
     read_prompt_messages,
 )
+from rrec.model.chat import chat_ids
 from rrec.model.loading import policy_from_adapter
 from rrec.model.pretrain import pack
 from rrec.model.tokenizer import (
@@ -55,6 +58,7 @@ from rrec.model.tokenizer import (
     IM_END,
     IM_START,
     SPECIAL_TOKENS,
+    control_token_id,
     train_tokenizer,
 )
 from rrec.paths import Paths
@@ -591,3 +595,37 @@ def test_unreachable_backbone_says_how_to_use_a_local_copy(
         load_model_and_tokenizer(missing, Paths(tmp_path).backbone)
     with pytest.raises(BackboneError, match="run the backbone stage"):
         load_model_and_tokenizer(tiny_params(), Paths(tmp_path).backbone)
+
+
+@pytest.mark.parametrize("fmt", ["prompts", "learn_answer", "last_title", "answers"])
+def test_pretrain_documents_follow_their_format(rec: RecModel, fmt: str) -> None:
+    """Each `model.tiny.pretrain_format` writes the documents its docstring promises:
+    every document starts with its prompt, and the tail after it (and which ids are never
+    learned) is the format's."""
+    tok = rec.tokenizer
+    items = [[{"role": "user", "content": f"Summarise item {t}"}] for t in ("A", "B")]
+    users = [[{"role": "user", "content": "History: Alpha Quest"}], [{"role": "user", "content": "No history"}]]
+    titles = ["Alpha Quest", "Beta Saga"]
+    docs, unlearned = pretrain_documents(fmt, tok, items, users, titles, [[0], []], [1, 0], seed=0)
+    prompts = chat_ids(tok, items) + chat_ids(tok, users)
+    assert len(docs) == len(prompts)
+    assert all(d[: len(p)] == p for d, p in zip(docs, prompts, strict=True))
+    tails = [d[len(p) :] for d, p in zip(docs, prompts, strict=True)]
+    answer, eos = control_token_id(tok, ANSWER), tok.eos_token_id
+    end = [control_token_id(tok, END_ANSWER), control_token_id(tok, IM_END)]
+    alpha, beta = plain_ids(tok, "Alpha Quest"), plain_ids(tok, "Beta Saga")
+    if fmt == "prompts":
+        assert tails == [[answer], [answer], [], []] and unlearned == [answer, eos]
+    elif fmt == "learn_answer":
+        assert tails == [[answer]] * 4 and unlearned == [eos]
+    elif fmt == "last_title":
+        assert tails == [[answer], [answer], alpha + [answer], []] and unlearned == [answer, eos]
+    else:
+        assert tails[:2] == [[answer, *alpha, *end], [answer, *beta, *end]] and unlearned == [eos]
+        assert tails[2][-len(beta) - 3 :] == [answer, *beta, *end]  # user 0's target is item 1
+        assert tails[3][-len(alpha) - 3 :] == [answer, *alpha, *end]
+
+
+def test_pretrain_documents_reject_an_unknown_format(rec: RecModel) -> None:
+    with pytest.raises(ValueError, match="pretrain_format"):
+        pretrain_documents("chat", rec.tokenizer, [], [], [], [], [], seed=0)  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from rrec.atomic import atomic_path
-from rrec.config import Params, TinyBackboneParams
+from rrec.config import Params, PretrainFormat, TinyBackboneParams
 from rrec.model.chat import chat_ids
 from rrec.model.pretrain import pack, perplexity, pretrain
 from rrec.model.tokenizer import (
@@ -170,11 +170,12 @@ def plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def reasoning_text(history_titles: Sequence[str]) -> str:
-    """The short reasoning the tiny backbone sees in pre-training: what the user bought last."""
+    """The short reasoning of the `answers` format: what the user bought last."""
     return f"The user last bought {history_titles[-1]}." if history_titles else "The user has no history."
 
 
 def pretrain_documents(
+    fmt: PretrainFormat,
     tokenizer: PreTrainedTokenizerBase,
     item_prompts: Sequence[Messages],
     user_prompts: Sequence[Messages],
@@ -182,33 +183,45 @@ def pretrain_documents(
     histories: Sequence[Sequence[int]],
     targets: Sequence[int],
     seed: int,
-) -> list[list[int]]:
-    """Token ids of the tiny backbone's pre-training documents, in the answer format.
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of the tiny backbone's pre-training documents (item documents first,
+    then the train split's user documents) and the ids never learned as labels.
 
-    A real instruct backbone already knows that `<answer>` is followed by the answer;
-    the tiny one learns it here, from the train split only:
-    - item i: its prompt, `<answer>`, its title, `</answer>`, end of turn;
-    - train example (history, target): the user prompt, then (for a seeded half of the
-      examples) a short reasoning (`reasoning_text`), then `<answer>`, the target's
-      title, `</answer>`, end of turn. The other half answers at once, the form the
-      contrastive baseline reads.
-    The hidden state at `<answer>` must then predict the title that follows: item and
-    user states start in one space, and the assistant turn holds written text, so
-    sampled reasoning is text rather than a reopened chat turn.
+    Item prompts end with the pre-filled `<answer>`, user prompts with the opened
+    assistant turn. By `fmt` (`model.tiny.pretrain_format`):
+    - `prompts`: the prompts alone; neither `<answer>` nor the separators are learned.
+    - `learn_answer`: every prompt ends with a learned `<answer>` (greedy reasoning is empty).
+    - `answers`: item i: its prompt, `<answer>`, its title, `</answer>`, end of turn;
+      train example (history, target): the user prompt, then for a seeded half of the
+      examples a short reasoning (`reasoning_text`), then `<answer>`, the target's title,
+      `</answer>`, end of turn. The state at `<answer>` must predict the title after it.
+    - `last_title`: as `prompts`, with each user prompt answered by the title of the
+      user's last item and then `<answer>` (not learned), so greedy reasoning would
+      restate the last item, the strongest signal of the sample.
     """
-    answer, end_answer = control_token_id(tokenizer, ANSWER), control_token_id(tokenizer, END_ANSWER)
-    end_turn = control_token_id(tokenizer, IM_END)
+    answer, eos = control_token_id(tokenizer, ANSWER), int(tokenizer.eos_token_id)
+    items, users = chat_ids(tokenizer, item_prompts), chat_ids(tokenizer, user_prompts)
+    if fmt == "prompts":
+        return [ids + [answer] for ids in items] + users, [answer, eos]
+    if fmt == "learn_answer":
+        return [ids + [answer] for ids in items + users], [eos]
     title_ids = [plain_ids(tokenizer, t) for t in titles]
+    if fmt == "last_title":
+        users = [ids + title_ids[h[-1]] + [answer] if h else ids for ids, h in zip(users, histories, strict=True)]
+        return [ids + [answer] for ids in items] + users, [answer, eos]
+    if fmt != "answers":
+        raise ValueError(f"unknown pre-training format {fmt!r} (model.tiny.pretrain_format)")
+    end_answer, end_turn = control_token_id(tokenizer, END_ANSWER), control_token_id(tokenizer, IM_END)
 
     def answered(item: int) -> list[int]:
         return [answer, *title_ids[item], end_answer, end_turn]
 
-    docs = [ids + answered(i) for i, ids in enumerate(chat_ids(tokenizer, item_prompts))]
+    docs = [ids + answered(i) for i, ids in enumerate(items)]
     rng = random.Random(seed)
-    for ids, history, target in zip(chat_ids(tokenizer, user_prompts), histories, targets, strict=True):
+    for ids, history, target in zip(users, histories, targets, strict=True):
         thought = plain_ids(tokenizer, reasoning_text([titles[h] for h in history])) if rng.random() < 0.5 else []
         docs.append(ids + thought + answered(target))
-    return docs
+    return docs, [eos]
 
 
 def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
@@ -218,27 +231,15 @@ def _build_tiny(params: Params, paths: Paths) -> dict[str, Any]:
     users = read_prompt_messages(paths.user_prompts_file("train"), "train-split user")
     tokenizer = train_tokenizer(items + users, tiny.vocab_size, tiny.max_position)
     answer_id = control_token_id(tokenizer, ANSWER)
-    if tiny.pretrain_answers:
-        train_split = pq.read_table(
-            paths.user_prompts_file("train"), columns=["history_item_ids", "target_item_id"]
-        ).to_pydict()
+    titles: list[str] = []
+    examples: dict[str, list[Any]] = {"history_item_ids": [], "target_item_id": []}
+    if tiny.pretrain_format in ("answers", "last_title"):  # documents that write titles
         titles = read_titles(paths.items_file)
-        docs = pretrain_documents(
-            tokenizer, items, users, titles, train_split["history_item_ids"], train_split["target_item_id"],
-            params.seed,
-        )  # fmt: skip
-        unlearned = [int(tokenizer.eos_token_id)]
-    elif tiny.pretrain_learn_answer:
-        # prompts, each answered by `<answer>` right after the opened assistant turn (the
-        # pre-filled one of item prompts): the model learns to end its turn with
-        # `<answer>`, so greedy reasoning is empty until RecPO finds reasoning that helps
-        docs = [ids + [answer_id] for ids in chat_ids(tokenizer, items + users)]
-        unlearned = [int(tokenizer.eos_token_id)]
-    else:
-        # prompts only: item prompts end with the pre-filled <answer>, user prompts with
-        # the opened assistant turn; neither <answer> nor the separators are learned
-        docs = [ids + [answer_id] for ids in chat_ids(tokenizer, items)] + chat_ids(tokenizer, users)
-        unlearned = [answer_id, int(tokenizer.eos_token_id)]
+        examples = pq.read_table(paths.user_prompts_file("train"), columns=list(examples)).to_pydict()
+    docs, unlearned = pretrain_documents(
+        tiny.pretrain_format, tokenizer, items, users, titles,
+        examples["history_item_ids"], examples["target_item_id"], params.seed,
+    )  # fmt: skip
     train_idx, held_idx = split_heldout(len(docs), HELDOUT_SHARE, params.seed)
     pad_id = int(tokenizer.pad_token_id)
     eos_id = int(tokenizer.eos_token_id)
