@@ -17,6 +17,11 @@ no `train.recpo`, `train.rollout` or `evaluate.max_new_tokens`, so changing them
 The projects hold a copy of the data and models as they were: after `dvc repro` changes
 them, start a new DIR.
 
+Below the table it prints the paired comparison of each LLM method with the first one
+(by default RecPO − contrastive): the difference of per-example NDCG@10 on the very same
+examples, averaged over the seeds, with a 95 % bootstrap interval over examples (the
+same resampled examples for every seed) and the number of seeds where the method is ahead.
+
 Run `dvc repro items` (or the whole pipeline) first.
 """
 
@@ -35,8 +40,9 @@ import torch
 import yaml
 
 from rrec.config import load_params
+from rrec.metrics import paired_difference
 from rrec.paths import Paths
-from rrec.stages.evaluate import evaluate_stage
+from rrec.stages.evaluate import RANKS_CSV, evaluate_stage, read_ranks
 from rrec.train.run import run_train
 
 SHARED = ("data/processed", "data/prompts", "models/backbone", "models/item_table", "dvc.lock")
@@ -71,22 +77,29 @@ def _method_key(params_json: dict, method: str) -> str:
     return json.dumps(key, sort_keys=True)
 
 
-def _train_and_evaluate(params, paths: Paths, methods: list[str]) -> dict:
-    """Each method's evaluation (plus the reference rows), reusing a kept result whose
-    params key matches (see --workdir)."""
+def _train_and_evaluate(params, paths: Paths, methods: list[str]) -> tuple[dict, dict]:
+    """Each method's evaluation (plus the reference rows) and per-example ranks
+    ({method: {split: {example_id: rank}}}), reusing a kept result whose params key
+    matches (see --workdir)."""
     results: dict[str, dict[str, dict[str, float]]] = {}
+    ranks: dict[str, dict[str, dict[int, int]]] = {}
     for method in methods:
         kept = paths.root / f"quality-{method}.json"
         key = _method_key(params.model_dump(mode="json"), method)
-        if kept.exists() and json.loads(kept.read_text())["key"] == key:
+        old = json.loads(kept.read_text()) if kept.exists() else {}
+        if old.get("key") == key and "ranks" in old:
             print(f"{method}: unchanged params, its kept result is reused", flush=True)
-            results.update(json.loads(kept.read_text())["results"])
-            continue
-        run_train(params, paths, method)
-        evaluated = evaluate_stage(params, paths, method, register=False)["methods"]
-        kept.write_text(json.dumps({"key": key, "results": evaluated}))
-        results.update(evaluated)
-    return results
+        else:
+            if old.get("key") == key:
+                print(f"{method}: unchanged params, its kept model is evaluated again", flush=True)
+            else:
+                run_train(params, paths, method)
+            evaluated = evaluate_stage(params, paths, method, register=False)["methods"]
+            old = {"key": key, "results": evaluated, "ranks": read_ranks(paths.eval_report(method) / RANKS_CSV)}
+            kept.write_text(json.dumps(old))
+        results.update(old["results"])
+        ranks[method] = {split: {int(e): r for e, r in by_id.items()} for split, by_id in old["ranks"].items()}
+    return results, ranks
 
 
 def _one_seed(
@@ -101,7 +114,7 @@ def _one_seed(
         project = workdir / f"seed-{seed}"
         paths = Paths(project) if project.exists() else _scratch(root, project)
         results = _train_and_evaluate(params, paths, methods)
-    out.write_text(json.dumps(results))
+    out.write_text(json.dumps({"results": results[0], "ranks": results[1]}))
 
 
 def main() -> None:
@@ -125,6 +138,7 @@ def main() -> None:
 
     per_seed: dict[str, dict[str, list[dict[str, float]]]] = {}
     references: dict[str, dict[str, dict[str, float]]] = {}
+    seed_ranks: dict[str, dict[str, list[dict[int, int]]]] = {}
     for seed in args.seeds:
         # each seed in a process of its own: MLflow keeps per-process state about its store
         with tempfile.TemporaryDirectory(prefix="rrec-quality-") as tmp:
@@ -135,7 +149,13 @@ def main() -> None:
             if args.workdir:
                 cmd += ["--workdir", str(args.workdir.resolve())]
             subprocess.run(cmd, check=True)
-            for name, by_split in json.loads(result.read_text()).items():
+            worker = json.loads(result.read_text())
+            for name, by_split in worker["ranks"].items():
+                for split, by_id in by_split.items():
+                    seed_ranks.setdefault(name, {}).setdefault(split, []).append(
+                        {int(e): r for e, r in by_id.items()}
+                    )
+            for name, by_split in worker["results"].items():
                 if name in args.methods:
                     for split, metrics in by_split.items():
                         per_seed.setdefault(name, {}).setdefault(split, []).append(metrics)
@@ -170,8 +190,21 @@ def main() -> None:
                 cells.append(f"{statistics.mean(values):.4f} ± {spread:.4f}")
             print(f"| {name} | {int(runs[0]['n'])} | " + " | ".join(cells) + " |")
         print()
+    comparisons = {}
+    base, *others = args.methods
+    for other in others:
+        print(f"paired, {other} − {base}, NDCG@10 on the same examples (mean over seeds; "
+              "95 % bootstrap interval over examples):\n")
+        print("| split | n | difference | 95 % interval | seeds ahead |")
+        print("|---|---|---|---|---|")
+        for split in ("valid", "test"):
+            diff, (low, high), ahead, n = paired_difference(seed_ranks[base][split], seed_ranks[other][split])
+            comparisons[f"{other}-{base}/{split}"] = {"difference": diff, "low": low, "high": high, "ahead": ahead, "n": n}
+            print(f"| {split} | {n} | {diff:+.4f} | {low:+.4f} … {high:+.4f} | {ahead} of {len(args.seeds)} |")
+        print()
     if args.out:
-        args.out.write_text(json.dumps({"per_seed": per_seed, "references": references}, indent=2))
+        out = {"per_seed": per_seed, "references": references, "paired": comparisons}
+        args.out.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ Conventions, used everywhere in the project (evaluation, rewards, baselines):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 PAD = -1
@@ -70,9 +71,6 @@ def ranking_metrics(ranks: torch.Tensor, ks: Sequence[int] = (5, 10, 20)) -> dic
     return out
 
 
-from collections.abc import Callable  # noqa: E402  (appended with evaluate_scorer)
-
-
 def evaluate_scorer(
     score_fn: Callable[[list[int]], torch.Tensor],
     histories: Sequence[Sequence[int]],
@@ -81,11 +79,24 @@ def evaluate_scorer(
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Full-ranking metrics of any scorer over examples, the history masked.
+    """Full-ranking metrics of any scorer over examples, the history masked:
+    `ranking_metrics` of `scorer_ranks` plus "n", the number of examples."""
+    out = ranking_metrics(scorer_ranks(score_fn, histories, targets, batch_size, progress), ks)
+    out["n"] = float(len(targets))
+    return out
+
+
+def scorer_ranks(
+    score_fn: Callable[[list[int]], torch.Tensor],
+    histories: Sequence[Sequence[int]],
+    targets: Sequence[int],
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The target's rank [N] in every example, the history masked.
 
     `score_fn(batch_indices)` gets the positions (into `histories`/`targets`) of one
-    batch and returns scores [len(batch_indices), n_items] on any device. Returns
-    `ranking_metrics` of the pooled ranks plus "n", the number of examples.
+    batch and returns scores [len(batch_indices), n_items] on any device.
     """
     from tqdm.auto import tqdm
 
@@ -125,6 +136,32 @@ def evaluate_scorer(
             )
         history = pad_histories([histories[i] for i in idx], device=scores.device)
         ranks.append(target_ranks(scores.float(), batch_targets.to(scores.device), history).cpu())
-    out = ranking_metrics(torch.cat(ranks), ks)
-    out["n"] = float(len(targets))
-    return out
+    return torch.cat(ranks)
+
+
+def paired_difference(
+    ranks_a: Sequence[dict[int, int]], ranks_b: Sequence[dict[int, int]], k: int = 10,
+    resamples: int = 2000, seed: int = 0,
+) -> tuple[float, tuple[float, float], int, int]:
+    """NDCG@k of method b minus method a, scored on the same examples.
+
+    `ranks_a[s]` and `ranks_b[s]` map example id -> the target's rank for training seed s.
+    Returns the difference averaged over seeds and examples, its 95 % bootstrap interval
+    over examples (the same resampled examples for every seed), the number of seeds whose
+    mean difference is positive, and the number of examples.
+    """
+    if not ranks_a or len(ranks_a) != len(ranks_b):
+        raise ValueError(f"need the same number of seeds (> 0) for both methods, got {len(ranks_a)} and {len(ranks_b)}")
+    ids = sorted(ranks_a[0])
+    if not ids or any(sorted(r) != ids for r in (*ranks_a, *ranks_b)):
+        raise ValueError("the methods were not scored on the same examples; evaluate them on the same split")
+
+    def ndcg(r: dict[int, int]) -> np.ndarray:
+        return ndcg_from_ranks(torch.tensor([r[i] for i in ids]), k).double().numpy()
+
+    diff = np.stack([ndcg(b) - ndcg(a) for a, b in zip(ranks_a, ranks_b, strict=True)])  # [seeds, n]
+    per_example = diff.mean(axis=0)
+    rng = np.random.default_rng(seed)
+    boot = per_example[rng.integers(0, len(ids), size=(resamples, len(ids)))].mean(axis=1)
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return float(per_example.mean()), (float(low), float(high)), int((diff.mean(axis=1) > 0).sum()), len(ids)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rrec.metrics import evaluate_scorer, mask_history, pad_histories, target_ranks
+from rrec.metrics import mask_history, pad_histories, ranking_metrics, scorer_ranks, target_ranks
 from rrec.model.backbone import read_titles
 from rrec.model.generation import policy_user_states
 from rrec.model.item_table import ItemTable
@@ -35,7 +35,8 @@ def evaluate_policy(
     batch_size: int,
     progress: bool = True,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Metrics of the policy on `users`, and the details (ranks, reasoning, states)."""
+    """Metrics of the policy on `users`, and the details: user states, reasoning ids and
+    lengths, and the target's rank in each example (`ranks`, in `users` order)."""
     states, reasoning_ids = policy_user_states(
         rec, users.conversations, reasoning=reasoning, max_new_tokens=max_new_tokens,
         batch_size=batch_size, progress=progress,
@@ -43,10 +44,11 @@ def evaluate_policy(
     def score_fn(idx: list[int]) -> torch.Tensor:
         return table.score(states[idx], rec.tau)
 
-    metrics = evaluate_scorer(score_fn, users.histories, users.targets, ks, batch_size=256, progress=False)
+    ranks = scorer_ranks(score_fn, users.histories, users.targets, batch_size=256, progress=False)
+    metrics = {**ranking_metrics(ranks, ks), "n": float(len(ranks))}
     lengths = [len(r) - int(bool(r) and r[-1] == rec.answer_token_id) for r in reasoning_ids]
     metrics["reasoning_len"] = float(sum(lengths) / max(len(lengths), 1))
-    return metrics, {"states": states, "reasoning_ids": reasoning_ids, "lengths": lengths}
+    return metrics, {"states": states, "reasoning_ids": reasoning_ids, "lengths": lengths, "ranks": ranks}
 
 
 def reasoning_samples(

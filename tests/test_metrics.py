@@ -1,8 +1,15 @@
 import math
 
+import pytest
 import torch
 
-from rrec.metrics import mask_history, pad_histories, ranking_metrics, target_ranks
+from rrec.metrics import (
+    mask_history,
+    pad_histories,
+    paired_difference,
+    ranking_metrics,
+    target_ranks,
+)
 
 
 def _brute_rank(scores: list[float], target: int, history: list[int]) -> int:
@@ -53,3 +60,24 @@ def test_target_first_gives_perfect_metrics():
     scores = torch.eye(4) * 10
     m = ranking_metrics(target_ranks(scores, torch.arange(4)), ks=(1,))
     assert m == {"hit@1": 1.0, "ndcg@1": 1.0}
+
+
+def test_paired_difference_known_answers():
+    """b minus a on the same examples, averaged over seeds, with a bootstrap interval."""
+    same = [{1: 3, 2: 40}, {1: 1, 2: 5}]
+    assert paired_difference(same, same) == (0.0, (0.0, 0.0), 0, 2)
+    # b puts every target first where a put it second: 1 - 1/log2(3) on every example
+    a, b = [{i: 2 for i in range(50)}], [{i: 1 for i in range(50)}]
+    diff, (low, high), ahead, n = paired_difference(a, b)
+    assert diff == pytest.approx(1 - 1 / math.log2(3)) and low == pytest.approx(diff) == high
+    assert (ahead, n) == (1, 50)
+    # seed 0: b gains 1.0 on example 0 only; seed 1: b loses 0.5 on example 1 only
+    a = [{0: 100, 1: 1}, {0: 1, 1: 3}]
+    b = [{0: 1, 1: 1}, {0: 1, 1: 100}]
+    diff, (low, high), ahead, _ = paired_difference(a, b, resamples=500)
+    assert diff == pytest.approx((1.0 - 0.5) / 4) and ahead == 1
+    assert low < diff < high  # two examples that differ: the interval has width
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference([{1: 1}], [{2: 1}])
+    with pytest.raises(ValueError, match="same number of seeds"):
+        paired_difference([{1: 1}], [{1: 1}, {1: 2}])

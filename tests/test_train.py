@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from rrec.config import LoraParams
+from rrec.metrics import hit_from_ranks, ndcg_from_ranks
 from rrec.model.loading import TRAIN_SUMMARY
 from rrec.model.lora import apply_lora
 from rrec.model.two_headed import RecModel
-from rrec.stages.evaluate import evaluate_stage
+from rrec.stages.evaluate import RANKS_CSV, evaluate_stage, read_ranks
 from rrec.train.objectives import contrastive_loss, inbatch_logprob, item_loss, token_loss
 from tests.tiny import conversations, tiny_recmodel
 
@@ -154,6 +155,14 @@ def test_train_then_evaluate_writes_reports(project_copy):
     assert lines[0] == "method,split,k,hit,ndcg" and len(lines) == 1 + 3 * 2 * 3
     curves = (out / "train_curves.csv").read_text().splitlines()
     assert curves[0].startswith("step,") and len(curves) == 7
+    # every example's rank, in the order and number the metrics were computed on
+    ranks = read_ranks(out / RANKS_CSV)
+    for split in ("valid", "test"):
+        r = torch.tensor(list(ranks[split].values()))
+        m = report["methods"]["contrastive"][split]
+        assert len(r) == m["n"] and r.min() >= 1
+        assert float(ndcg_from_ranks(r, 10).mean()) == pytest.approx(m["ndcg@10"])
+        assert float(hit_from_ranks(r, 20).mean()) == pytest.approx(m["hit@20"])
 
 
 @pytest.mark.parametrize("lora", [False, True])

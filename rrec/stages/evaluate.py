@@ -1,6 +1,7 @@
 """`python -m rrec.stages.evaluate --method M` (DVC stage `evaluate@M`): the trained
 policy on the valid and test splits beside the popularity and random references;
-metrics JSON and a per-K CSV for DVC (`reports/eval/<method>/`), the policy's metrics
+metrics JSON, a per-K CSV and every example's target rank (`ranks.csv`, for paired
+comparisons of runs) for DVC (`reports/eval/<method>/`), the policy's metrics
 and test reasoning samples in its MLflow training run, and its model registered as a
 version of `rrec-<category>` (promoted to `champion` only if it beats the champion)."""
 
@@ -21,6 +22,8 @@ from rrec.evaluate import evaluate_trained
 from rrec.paths import Paths
 from rrec.stages import run
 
+RANKS_CSV = "ranks.csv"
+
 
 def write_reports(out: Path, report: dict[str, Any], ks: Sequence[int]) -> None:
     write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
@@ -34,14 +37,33 @@ def write_reports(out: Path, report: dict[str, Any], ks: Sequence[int]) -> None:
     write_text(out / "metrics_by_k.csv", rows.getvalue())
 
 
+def write_ranks(path: Path, ranks: dict[str, list[tuple[int, int]]]) -> None:
+    rows = io.StringIO()
+    w = csv.writer(rows, lineterminator="\n")
+    w.writerow(["split", "example_id", "rank"])
+    for split, pairs in ranks.items():
+        w.writerows([split, example_id, rank] for example_id, rank in pairs)
+    write_text(path, rows.getvalue())
+
+
+def read_ranks(path: Path) -> dict[str, dict[int, int]]:
+    """`ranks.csv` as {split: {example_id: rank}}."""
+    with path.open() as f:
+        out: dict[str, dict[int, int]] = {}
+        for row in csv.DictReader(f):
+            out.setdefault(row["split"], {})[int(row["example_id"])] = int(row["rank"])
+    return out
+
+
 def evaluate_stage(params: Params, paths: Paths, method: str, *, register: bool = True) -> dict[str, Any]:
     tracking.require_reachable(paths.root)  # before any work: results are logged at the end
-    results, samples, summary = evaluate_trained(params, paths, method)
+    results, samples, summary, ranks = evaluate_trained(params, paths, method)
     methods: dict[str, dict[str, dict[str, float]]] = {summary["method"]: results}
     methods.update(run_references(params, paths))
     report = {"category": params.data.category, "policy": summary["method"], "methods": methods}
     out = paths.eval_report(method)
     write_reports(out, report, params.evaluate.ks)
+    write_ranks(out / RANKS_CSV, ranks)
 
     # the policy's metrics go into its training run; the reference rows get runs of their
     # own in the baselines stage
