@@ -82,7 +82,7 @@ def _train_and_evaluate(params, paths: Paths, methods: list[str]) -> tuple[dict,
     ({method: {split: {example_id: rank}}}), reusing a kept result whose params key
     matches (see --workdir)."""
     results: dict[str, dict[str, dict[str, float]]] = {}
-    ranks: dict[str, dict[str, dict[int, int]]] = {}
+    ranks: dict[str, dict[str, dict]] = {}
     for method in methods:
         kept = paths.root / f"quality-{method}.json"
         key = _method_key(params.model_dump(mode="json"), method)
@@ -98,7 +98,7 @@ def _train_and_evaluate(params, paths: Paths, methods: list[str]) -> tuple[dict,
             old = {"key": key, "results": evaluated, "ranks": read_ranks(paths.eval_report(method) / RANKS_CSV)}
             kept.write_text(json.dumps(old))
         results.update(old["results"])
-        ranks[method] = {split: {int(e): r for e, r in by_id.items()} for split, by_id in old["ranks"].items()}
+        ranks[method] = old["ranks"]  # example ids as JSON keys; main() reads them back as ints
     return results, ranks
 
 
@@ -109,12 +109,12 @@ def _one_seed(
     torch.set_num_threads(params.threads)  # as the train and evaluate stages do
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix=f"rrec-quality-{seed}-") as tmp:
-            results = _train_and_evaluate(params, _scratch(root, Path(tmp)), methods)
+            results, ranks = _train_and_evaluate(params, _scratch(root, Path(tmp)), methods)
     else:
         project = workdir / f"seed-{seed}"
         paths = Paths(project) if project.exists() else _scratch(root, project)
-        results = _train_and_evaluate(params, paths, methods)
-    out.write_text(json.dumps({"results": results[0], "ranks": results[1]}))
+        results, ranks = _train_and_evaluate(params, paths, methods)
+    out.write_text(json.dumps({"results": results, "ranks": ranks}))
 
 
 def main() -> None:

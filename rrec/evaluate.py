@@ -17,9 +17,9 @@ from rrec.ranking import evaluate_policy, item_titles, reasoning_samples
 
 def evaluate_trained(
     params: Params, paths: Paths, method: str
-) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]], dict[str, Any], dict[str, list[tuple[int, int]]]]:
+) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]], dict[str, Any], dict[str, dict[int, int]]]:
     """The trained `method` on valid and test: ({split: metrics}, test reasoning samples,
-    the training summary, {split: [(example_id, the target's rank)]})."""
+    the training summary, {split: {example_id: the target's rank}})."""
     summary_path = paths.trained(method) / TRAIN_SUMMARY
     if not summary_path.exists():
         raise FileNotFoundError(f"{summary_path}: no trained model; run the train stage first (`dvc repro train`)")
@@ -28,7 +28,7 @@ def evaluate_trained(
     reasoning = summary["method"] == "recpo"
     results: dict[str, dict[str, float]] = {}
     samples: list[dict[str, Any]] = []
-    ranks: dict[str, list[tuple[int, int]]] = {}
+    ranks: dict[str, dict[int, int]] = {}
     titles = item_titles(paths)
     for split in ("valid", "test"):
         users = load_user_prompts(paths, split).sample_users(params.evaluate.max_users, params.seed)
@@ -37,7 +37,7 @@ def evaluate_trained(
             max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size,
         )
         results[split] = metrics
-        ranks[split] = list(zip(users.example_ids, details["ranks"].tolist(), strict=True))
+        ranks[split] = dict(zip(users.example_ids, details["ranks"].tolist(), strict=True))
         if split == "test":
             samples = reasoning_samples(rec, table, users, details, titles)
     return results, samples, summary, ranks

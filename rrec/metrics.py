@@ -71,6 +71,11 @@ def ranking_metrics(ranks: torch.Tensor, ks: Sequence[int] = (5, 10, 20)) -> dic
     return out
 
 
+def ranking_report(ranks: torch.Tensor, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
+    """`ranking_metrics` plus "n", the number of examples ranked."""
+    return {**ranking_metrics(ranks, ks), "n": float(len(ranks))}
+
+
 def evaluate_scorer(
     score_fn: Callable[[list[int]], torch.Tensor],
     histories: Sequence[Sequence[int]],
@@ -80,10 +85,8 @@ def evaluate_scorer(
     progress: bool = True,
 ) -> dict[str, float]:
     """Full-ranking metrics of any scorer over examples, the history masked:
-    `ranking_metrics` of `scorer_ranks` plus "n", the number of examples."""
-    out = ranking_metrics(scorer_ranks(score_fn, histories, targets, batch_size, progress), ks)
-    out["n"] = float(len(targets))
-    return out
+    `ranking_report` of `scorer_ranks`."""
+    return ranking_report(scorer_ranks(score_fn, histories, targets, batch_size, progress), ks)
 
 
 def scorer_ranks(

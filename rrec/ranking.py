@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rrec.metrics import mask_history, pad_histories, ranking_metrics, scorer_ranks, target_ranks
+from rrec.metrics import mask_history, pad_histories, ranking_report, scorer_ranks, target_ranks
 from rrec.model.backbone import read_titles
 from rrec.model.generation import policy_user_states
 from rrec.model.item_table import ItemTable
@@ -45,7 +45,7 @@ def evaluate_policy(
         return table.score(states[idx], rec.tau)
 
     ranks = scorer_ranks(score_fn, users.histories, users.targets, batch_size=256, progress=False)
-    metrics = {**ranking_metrics(ranks, ks), "n": float(len(ranks))}
+    metrics = ranking_report(ranks, ks)
     lengths = [len(r) - int(bool(r) and r[-1] == rec.answer_token_id) for r in reasoning_ids]
     metrics["reasoning_len"] = float(sum(lengths) / max(len(lengths), 1))
     return metrics, {"states": states, "reasoning_ids": reasoning_ids, "lengths": lengths, "ranks": ranks}

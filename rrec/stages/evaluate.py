@@ -37,12 +37,13 @@ def write_reports(out: Path, report: dict[str, Any], ks: Sequence[int]) -> None:
     write_text(out / "metrics_by_k.csv", rows.getvalue())
 
 
-def write_ranks(path: Path, ranks: dict[str, list[tuple[int, int]]]) -> None:
+def write_ranks(path: Path, ranks: dict[str, dict[int, int]]) -> None:
+    """{split: {example_id: rank}} as `ranks.csv` (`read_ranks` reads it back)."""
     rows = io.StringIO()
     w = csv.writer(rows, lineterminator="\n")
     w.writerow(["split", "example_id", "rank"])
-    for split, pairs in ranks.items():
-        w.writerows([split, example_id, rank] for example_id, rank in pairs)
+    for split, by_id in ranks.items():
+        w.writerows([split, example_id, rank] for example_id, rank in by_id.items())
     write_text(path, rows.getvalue())
 
 
