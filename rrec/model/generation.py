@@ -7,10 +7,11 @@ One contract, two engines:
   state `h_u` therefore comes out of the same pass that wrote the reasoning; the
   sequence is never re-encoded. With `model.aot_single_requests`, a greedy request on
   its own runs the same loop on the decoder compiled ahead of time (`rrec.model.aot`).
-- `vllm` (optional `gpu` extra): vLLM samples the tokens and their log-probabilities;
-  vLLM exposes no hidden states, so `h_u` is read by one no-grad forward of the policy
-  over the finished sequence. The policy's weights are pushed to vLLM after every
-  update (`sync_weights`).
+- `vllm` (optional `gpu` extra): vLLM samples the tokens; vLLM exposes no hidden
+  states and reports log-probs of the raw logits, so `h_u` and the log-probs the update
+  needs are read by one no-grad forward of the policy over the finished sequence
+  (`score_trajectories`). The policy's weights are pushed to vLLM after every update
+  (`sync_weights`).
 
 A trajectory is `prompt + reasoning + <answer>`. Reasoning is text: every special
 token but `<answer>` (chat-template tokens, end of turn, end of text) is masked out
@@ -60,6 +61,26 @@ class Rollout:
         for p, r, a in zip(self.prompt_ids, self.reasoning_ids, self.sampled_answer, strict=True):
             out.append(list(p) + list(r) + ([] if a else [answer_id]))
         return out
+
+
+def with_greedy_last(sampled: Rollout, greedy: Rollout, group_size: int) -> Rollout:
+    """Groups of `group_size`: each prompt's `group_size - 1` sampled trajectories, then
+    its greedy one. `sampled` holds group_size - 1 rows per prompt, `greedy` one."""
+    n = len(greedy.reasoning_ids)
+    if group_size < 2 or len(sampled.reasoning_ids) != n * (group_size - 1):
+        raise ValueError(
+            f"a group with a greedy trajectory needs group_size >= 2 and {group_size - 1} samples per prompt; "
+            f"got group_size {group_size}, {len(sampled.reasoning_ids)} samples for {n} prompts"
+        )
+    k = group_size - 1
+    rows = [(sampled, b * k + j) if j < k else (greedy, b) for b in range(n) for j in range(group_size)]
+    return Rollout(
+        prompt_ids=[r.prompt_ids[i] for r, i in rows],
+        reasoning_ids=[r.reasoning_ids[i] for r, i in rows],
+        sampled_answer=[r.sampled_answer[i] for r, i in rows],
+        old_logprobs=[r.old_logprobs[i] for r, i in rows],
+        user_states=torch.stack([r.user_states[i] for r, i in rows]) if rows else greedy.user_states,
+    )
 
 
 class RolloutEngine(Protocol):
@@ -149,7 +170,9 @@ class HFEngine:
         every generated token but the last, like `generate`'s.
         """
         decoder, head = model.lm.get_decoder(), model.lm.get_output_embeddings()
-        temperature = 1.0 if greedy else self.temperature
+        # greedy picks the argmax whatever the temperature; its log-probs are those of the
+        # sampling distribution, so a greedy trajectory can join a sampled group
+        temperature = self.temperature
         stop = torch.tensor(_stop_ids(model), device=ids.device)
         cache = DynamicCache()
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -285,26 +308,53 @@ class VLLMEngine:
             top_k=-1 if greedy or not self.top_k else self.top_k,
             max_tokens=self.max_new_tokens,
             stop_token_ids=_stop_ids(model),
-            logprobs=0,
             allowed_token_ids=(~model.banned_in_reasoning()).nonzero().flatten().tolist(),
         )
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp)
-        prompt_ids, reasoning, sampled, old_lp = [], [], [], []
+        prompt_ids, reasoning, sampled = [], [], []
         for p, o in zip(prompts, outs, strict=True):
             for c in o.outputs:
                 toks = list(c.token_ids)
-                lps = [next(iter(d.values())).logprob for d in c.logprobs]
                 ans = bool(toks) and toks[-1] == model.answer_token_id
                 if toks and not ans and toks[-1] in _stop_ids(model):
-                    toks, lps = toks[:-1], lps[:-1]
+                    toks = toks[:-1]
                 prompt_ids.append(list(p))
                 reasoning.append(toks)
                 sampled.append(ans)
-                old_lp.append(torch.tensor(lps, dtype=torch.float32))
-        roll = Rollout(prompt_ids, reasoning, sampled, old_lp, torch.empty(0))
-        states = [model.encode(roll.sequences(model.answer_token_id)[i : i + 32]).float().cpu() for i in range(0, len(reasoning), 32)]
-        roll.user_states = torch.cat(states)
-        return roll
+        # vLLM's own log-probs are those of the raw logits (no temperature, no banned
+        # tokens); the update needs the masked, tempered ones, which one forward of the
+        # policy gives together with h_u
+        return score_trajectories(model, prompt_ids, reasoning, sampled, self.temperature)
+
+
+@torch.no_grad()
+def score_trajectories(
+    model: RecModel,
+    prompt_ids: list[list[int]],
+    reasoning_ids: list[list[int]],
+    sampled_answer: list[bool],
+    temperature: float,
+    batch_size: int = 32,
+) -> Rollout:
+    """A Rollout for trajectories written elsewhere (vLLM): each reasoning token's
+    log-prob under `log_softmax(masked logits / temperature)` and `h_u` at the final
+    `<answer>`, from one no-grad forward of the policy over `prompt + reasoning + <answer>`."""
+    roll = Rollout(prompt_ids, reasoning_ids, sampled_answer, [], torch.empty(0))
+    seqs = roll.sequences(model.answer_token_id)
+    states = []
+    for start in range(0, len(seqs), batch_size):
+        rows = range(start, min(start + batch_size, len(seqs)))
+        ids, mask = model.pad([seqs[r] for r in rows])
+        out = model(ids, mask, output="lm")
+        logp = torch.log_softmax(model.reasoning_logits(out.logits.float()) / temperature, dim=-1)
+        hidden = out.hidden_states[-1]
+        for j, r in enumerate(rows):
+            p, k = len(prompt_ids[r]), len(reasoning_ids[r])
+            tokens = ids[j, p : p + k].unsqueeze(1)
+            roll.old_logprobs.append(logp[j, p - 1 : p - 1 + k].gather(1, tokens).squeeze(1).cpu())
+            states.append(hidden[j, len(seqs[r]) - 1].float().cpu())
+    roll.user_states = torch.stack(states) if states else torch.empty(0, model.hidden_size)
+    return roll
 
 
 def make_engine(engine: str, *, temperature: float, top_k: int, max_new_tokens: int, model_ref: str | None = None, batch_size: int = 64) -> RolloutEngine:

@@ -16,7 +16,7 @@ import torch
 
 from rrec.config import Params
 from rrec.metrics import pad_histories
-from rrec.model.generation import Rollout, RolloutEngine
+from rrec.model.generation import Rollout, RolloutEngine, with_greedy_last
 from rrec.model.item_table import ItemTable
 from rrec.model.two_headed import RecModel
 from rrec.train.distributed import gather_no_grad, gather_with_grad, share
@@ -180,7 +180,15 @@ class RecPOStep:
         local = ctx.local_users(batch)
         g = p.train.rollout.group_size
 
-        roll = self.engine.generate(ctx.policy, [ctx.user_prompt_ids[i] for i in local], group_size=g, greedy=False)
+        prompts = [ctx.user_prompt_ids[i] for i in local]
+        if p.train.rollout.greedy_in_group:
+            roll = with_greedy_last(
+                self.engine.generate(ctx.policy, prompts, group_size=g - 1, greedy=False),
+                self.engine.generate(ctx.policy, prompts, group_size=1, greedy=True),
+                g,
+            )
+        else:
+            roll = self.engine.generate(ctx.policy, prompts, group_size=g, greedy=False)
         targets = torch.tensor([ctx.targets[i] for i in local for _ in range(g)])
         history = pad_histories([ctx.histories[i] for i in local for _ in range(g)])
         users = roll.user_states.to(device)
