@@ -51,6 +51,7 @@ from rrec.model.backbone import (
 )
 from rrec.model.chat import chat_ids
 from rrec.model.loading import policy_from_adapter
+from rrec.model.lora import merged_weights
 from rrec.model.pretrain import pack
 from rrec.model.tokenizer import (
     CHAT_TEMPLATE,
@@ -481,12 +482,20 @@ def test_lora_trains_only_adapter_weights_and_round_trips(
     rec.eval()
     with torch.no_grad():
         after = rec.encode(seqs)
+    sent = dict(merged_weights(peft_model))  # what a vLLM rollout engine gets at every sync
+    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == trainable  # adapter kept
+    with torch.no_grad():
+        torch.testing.assert_close(rec.encode(seqs), after)
     save_adapter(peft_model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     fresh, _ = load_model_and_tokenizer(params, paths.backbone)
     reloaded = RecModel(load_adapter(fresh, tmp_path / "adapter"), tok).eval()
     merged = policy_from_adapter(params, paths.backbone, tmp_path / "adapter")  # what inference loads
     assert not any("lora_" in n for n, _ in merged.lm.named_parameters())
+    expected = merged.lm.state_dict()
+    assert sent.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(sent[name], tensor, atol=1e-6, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode(seqs), after)
         torch.testing.assert_close(merged.encode(seqs), after, atol=1e-5, rtol=1e-4)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from rrec.model.last_layer import last_layer_only_at
+from rrec.model.lora import merged_weights
 from rrec.model.two_headed import RecModel, position_ids_from_mask
 
 
@@ -292,10 +293,8 @@ class VLLMEngine:
         self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens
 
     def sync_weights(self, model: RecModel) -> None:
-        """Push the policy's current (LoRA-merged) weights into the vLLM engine."""
-        lm = model.lm
-        state = lm.merge_and_unload().state_dict() if hasattr(lm, "merge_and_unload") else lm.state_dict()
-        weights = list(state.items())
+        """Push the policy's current weights (LoRA merged in, out of place) into the vLLM engine."""
+        weights = list(merged_weights(model.lm))
         self.llm.collective_rpc("load_weights", kwargs={"weights": weights})  # pragma: no cover
 
     @torch.no_grad()

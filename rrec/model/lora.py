@@ -7,9 +7,12 @@ config (`save_pretrained`). `load_adapter` tells the two apart by those files.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from rrec.config import LoraParams
@@ -49,6 +52,30 @@ def trainable_parameters(model: PreTrainedModel | PeftModel) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+@torch.no_grad()
+def merged_weights(model: PreTrainedModel | PeftModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the weights an inference engine serves: the base model's names,
+    with each LoRA layer's delta added out of place, so the policy keeps its adapters
+    (peft's `merge_and_unload` would strip them) and its base weights stay bit-exact
+    (merging and unmerging in place rounds them in bf16)."""
+    if not isinstance(model, PeftModel):
+        yield from model.state_dict().items()
+        return
+    base = model.get_base_model()
+    adapter = model.active_adapter
+    deltas = {
+        f"{name}.base_layer.weight": module
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
+    }
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name:
+            continue
+        if name in deltas:
+            tensor = tensor + deltas[name].get_delta_weight(adapter).to(tensor.dtype)
+        yield name.replace(".base_layer.", "."), tensor
 
 
 def save_adapter(model: PreTrainedModel | PeftModel, out_dir: Path) -> Path:
