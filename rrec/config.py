@@ -203,16 +203,6 @@ class RolloutParams(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(200, ge=0)
     max_new_tokens: int = Field(8, ge=1)
-    # the last trajectory of each group is the greedy reasoning (what evaluation and
-    # serving read) instead of a sample: its reward is compared with the samples', so
-    # the update trains the state inference uses (docs/method.md)
-    greedy_in_group: bool = False
-
-    @model_validator(mode="after")
-    def _greedy_needs_samples(self) -> RolloutParams:
-        if self.greedy_in_group and self.group_size < 2:
-            raise ValueError("greedy_in_group needs group_size >= 2: a group of the greedy trajectory alone has no sample")
-        return self
 
 
 class RecPOParams(_Strict):

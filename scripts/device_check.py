@@ -40,6 +40,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -196,6 +197,7 @@ def run_steps(
 
     from rrec.model.backbone import resolve_dtype
     from rrec.train.build import build_training
+    from rrec.train.loop import Checkpoints, Progress
 
     params, paths = load(project, dtype, engine)
     tp = params.train
@@ -213,6 +215,14 @@ def run_steps(
         seconds.append(time.perf_counter() - t0)
         losses.append(float(out["loss"]))
     ok = all(math.isfinite(x) for x in losses)
+    # one optimiser step per update (a DeepSpeed engine counts its own), and a checkpoint
+    # that saves and loads back under this back-end
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    optimiser_steps = wrapped.engine.global_steps if wrapped is not None else training.ctx.scheduler.last_epoch
+    with tempfile.TemporaryDirectory(prefix="rrec-device-ckpt-") as tmp:
+        checkpoints = Checkpoints(Path(tmp), accelerator)
+        resumed = checkpoints.load(checkpoints.save(Progress(step=steps))).step
+    ok = ok and optimiser_steps == steps and resumed == steps
     used = resolve_dtype(params.model.dtype, accelerator.device)
     dist = accelerator.state.distributed_type
     return {
@@ -229,6 +239,7 @@ def run_steps(
                 else ""
             )
             + f", {str(dist).rsplit('.', 1)[-1]}, losses {', '.join(f'{x:.3f}' for x in losses)}"
+            + f", {optimiser_steps} optimiser steps, checkpoint resumed at step {resumed}"
         ),
     }
 

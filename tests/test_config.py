@@ -68,13 +68,6 @@ def test_impossible_values_are_named(tmp_path, dotted, value):
     assert ".".join(parents) in str(err.value)
 
 
-def test_a_greedy_trajectory_in_the_group_needs_a_sample_beside_it(tmp_path):
-    tree = _committed()
-    tree["train"]["rollout"].update(group_size=1, greedy_in_group=True)
-    with pytest.raises(ConfigError, match=r"train\.rollout: .*greedy_in_group needs group_size >= 2"):
-        load_params(_write(tmp_path, tree))
-
-
 def test_overrides_use_dotted_keys(tmp_path):
     p = _write(tmp_path, _committed())
     params = load_params(p, overrides={"train.recpo.beta": 1.0, "train.methods": ["recpo"]})

@@ -53,6 +53,8 @@ def test_device_check_runs_on_cpu_and_reports_skips(tiny_project, tmp_path: Path
     assert "cosine min" in rows[PARTS[0]]["note"] and "bfloat16" in rows[PARTS[0]]["note"]
     assert rows[PARTS[1]]["steps"] == 2 and rows[PARTS[1]]["first_s"] > 0
     assert rows[PARTS[2]]["s_per_step"] > 0
+    for name in PARTS[1:3]:
+        assert "2 optimiser steps, checkpoint resumed at step 2" in rows[name]["note"], rows[name]
     table = (out / "device_check.md").read_text()
     assert "| part | status | steps | s/step | first s | peak GPU MiB | note |" in table
     for name in PARTS:

@@ -1,11 +1,17 @@
-"""The training loop's stopping rules, with a scripted validation curve."""
+"""The training loop's stopping rules, with a scripted validation curve; checkpoints
+under the accelerate back-ends that this machine cannot run."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from rrec.train.loop import LoopConfig, Progress, run_loop
+import pytest
+import torch
+from accelerate.utils import DistributedType
+
+from rrec.train.loop import Checkpoints, LoopConfig, Progress, run_loop
 
 
 class _NoCheckpoints:
@@ -44,3 +50,44 @@ def test_min_steps_waits_out_the_plateau_then_patience_applies() -> None:
     # 70 and 80 do not: stopped at 80 with the model of step 60
     assert progress.stopped == "early_stopping" and progress.step == 80
     assert saved == [10, 50, 60] and progress.best_step == 60 and progress.best_metric == 0.040
+
+
+class _RecordingAccelerator:
+    """What `Checkpoints` calls on an accelerator, recorded."""
+
+    def __init__(self, distributed_type: DistributedType) -> None:
+        self.distributed_type = distributed_type
+        self.hooks: list[Any] = []
+        self.load_kwargs: dict[str, Any] = {}
+
+    def register_save_state_pre_hook(self, hook: Any) -> None:
+        self.hooks.append(hook)
+
+    def load_state(self, input_dir: str, **kwargs: Any) -> None:
+        self.load_kwargs = kwargs
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [(DistributedType.NO, {"strict": False}), (DistributedType.MULTI_GPU, {"strict": False}),
+     (DistributedType.DEEPSPEED, {"load_module_strict": False})],
+)
+def test_resuming_loads_the_trainable_weights_loosely_under_every_backend(tmp_path: Path, kind, expected) -> None:
+    # accelerate hands these keywords to DeepSpeed's load_checkpoint, which has no `strict`
+    acc = _RecordingAccelerator(kind)
+    (tmp_path / "step-0000010").mkdir()
+    (tmp_path / "step-0000010" / "progress.json").write_text(Progress(step=10).to_json())
+    assert Checkpoints(tmp_path, acc).load(tmp_path / "step-0000010").step == 10
+    assert acc.load_kwargs == expected
+
+
+def test_saving_keeps_only_trainable_weights_and_lets_deepspeed_save_its_own() -> None:
+    acc = _RecordingAccelerator(DistributedType.NO)
+    Checkpoints(Path("unused"), acc)
+    (hook,) = acc.hooks
+    model = torch.nn.Linear(2, 2)
+    model.bias.requires_grad_(False)
+    state = dict(model.state_dict())
+    hook([model], [state], "dir")
+    assert list(state) == ["weight"]
+    hook([model], [], "dir")  # DeepSpeed: models, but no state dicts

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rrec.model.generation import HFEngine, make_engine, score_trajectories, with_greedy_last
+from rrec.model.generation import HFEngine, make_engine, score_trajectories
 from tests.tiny import conversations, tiny_recmodel
 
 
@@ -168,35 +168,6 @@ def test_compiling_on_cpu_without_a_compiler_says_what_to_do(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
         tiny_recmodel().compile_decoder()
-
-
-def test_greedy_trajectory_joins_a_sampled_group_last_with_sampling_logprobs():
-    # each prompt's group: its samples, then its greedy reasoning, whose log-probs are
-    # those of the sampling distribution (temperature t), as the update recomputes them
-    torch.manual_seed(4)
-    model = tiny_recmodel()
-    t, prompts = 1.5, _prompts(model, 3)
-    engine = HFEngine(temperature=t, top_k=20, max_new_tokens=5)
-    sampled = engine.generate(model, prompts, group_size=2)
-    greedy = engine.generate(model, prompts, greedy=True)
-    alone = HFEngine(temperature=1.0, top_k=0, max_new_tokens=5).generate(model, prompts, greedy=True)
-    assert greedy.reasoning_ids == alone.reasoning_ids  # the temperature does not move the argmax
-    roll = with_greedy_last(sampled, greedy, 3)
-    assert len(roll.reasoning_ids) == 9
-    for b in range(3):
-        assert roll.reasoning_ids[3 * b : 3 * b + 2] == sampled.reasoning_ids[2 * b : 2 * b + 2]
-        assert roll.reasoning_ids[3 * b + 2] == greedy.reasoning_ids[b]
-        assert roll.prompt_ids[3 * b + 2] == prompts[b]
-        torch.testing.assert_close(roll.user_states[3 * b + 2], greedy.user_states[b])
-    row, seq = 2, roll.sequences(model.answer_token_id)[2]
-    p, k = len(roll.prompt_ids[row]), len(roll.reasoning_ids[row])
-    with torch.no_grad():
-        logits = model.lm(input_ids=torch.tensor([seq])).logits[0].float()
-    lp = torch.log_softmax(model.reasoning_logits(logits) / t, dim=-1)
-    expected = lp[p - 1 : p - 1 + k].gather(1, torch.tensor(seq[p : p + k]).unsqueeze(1)).squeeze(1)
-    torch.testing.assert_close(roll.old_logprobs[row], expected, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="group_size"):
-        with_greedy_last(sampled, greedy, 2)
 
 
 def test_trajectories_written_elsewhere_are_scored_as_the_engine_scores_its_own():

@@ -64,26 +64,6 @@ class Rollout:
         return out
 
 
-def with_greedy_last(sampled: Rollout, greedy: Rollout, group_size: int) -> Rollout:
-    """Groups of `group_size`: each prompt's `group_size - 1` sampled trajectories, then
-    its greedy one. `sampled` holds group_size - 1 rows per prompt, `greedy` one."""
-    n = len(greedy.reasoning_ids)
-    if group_size < 2 or len(sampled.reasoning_ids) != n * (group_size - 1):
-        raise ValueError(
-            f"a group with a greedy trajectory needs group_size >= 2 and {group_size - 1} samples per prompt; "
-            f"got group_size {group_size}, {len(sampled.reasoning_ids)} samples for {n} prompts"
-        )
-    k = group_size - 1
-    rows = [(sampled, b * k + j) if j < k else (greedy, b) for b in range(n) for j in range(group_size)]
-    return Rollout(
-        prompt_ids=[r.prompt_ids[i] for r, i in rows],
-        reasoning_ids=[r.reasoning_ids[i] for r, i in rows],
-        sampled_answer=[r.sampled_answer[i] for r, i in rows],
-        old_logprobs=[r.old_logprobs[i] for r, i in rows],
-        user_states=torch.stack([r.user_states[i] for r, i in rows]) if rows else greedy.user_states,
-    )
-
-
 class RolloutEngine(Protocol):
     def generate(
         self, model: RecModel, prompts: Sequence[Sequence[int]], *, group_size: int, greedy: bool
@@ -171,9 +151,7 @@ class HFEngine:
         every generated token but the last, like `generate`'s.
         """
         decoder, head = model.lm.get_decoder(), model.lm.get_output_embeddings()
-        # greedy picks the argmax whatever the temperature; its log-probs are those of the
-        # sampling distribution, so a greedy trajectory can join a sampled group
-        temperature = self.temperature
+        temperature = 1.0 if greedy else self.temperature
         stop = torch.tensor(_stop_ids(model), device=ids.device)
         cache = DynamicCache()
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -295,7 +273,9 @@ class VLLMEngine:
     def sync_weights(self, model: RecModel) -> None:
         """Push the policy's current weights (LoRA merged in, out of place) into the vLLM engine."""
         weights = list(merged_weights(model.lm))
-        self.llm.collective_rpc("load_weights", kwargs={"weights": weights})  # pragma: no cover
+        self.llm.collective_rpc(_load_weights, args=(weights,))  # pragma: no cover
+        # cached prompt blocks were computed with the old weights
+        self.llm.reset_prefix_cache()  # pragma: no cover
 
     @torch.no_grad()
     def generate(
@@ -326,6 +306,46 @@ class VLLMEngine:
         return score_trajectories(model, prompt_ids, reasoning, sampled, self.temperature)
 
 
+def _load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:  # pragma: no cover
+    """Runs on each vLLM worker (`LLM.collective_rpc` passes the worker as the first
+    argument): the model there loads the (name, tensor) pairs."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+def reasoning_logprobs(
+    model: RecModel,
+    sequences: list[list[int]],
+    n_trained: list[int],
+    appended: list[bool],
+    temperature: float,
+    forward: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over whole trajectories (`prompt + reasoning + <answer>`, left-padded so
+    all end in the last column): the log-probs of each row's `n_trained` reasoning tokens
+    under `log_softmax(masked logits / temperature)`, [n, K] right-aligned (row r's in
+    its last n_trained[r] columns), their mask [n, K], and the final hidden state at the
+    last token, [n, d]. `appended[r]`: the row's final `<answer>` was appended, not
+    sampled, so it is not among the trained tokens. `forward` is the module to call
+    (a DDP-wrapped policy; default `model`); only the last K + 1 columns' logits are
+    computed."""
+    ids, attn = model.pad(sequences, padding_side="left")
+    tail = [int(a) for a in appended]
+    k = max(n_trained)
+    span = k + max(tail)
+    out = (forward or model)(ids, attn, output="lm", logits_to_keep=span + 1)
+    # column c predicts token c + 1; the same special-token mask as the rollout's
+    logits = model.reasoning_logits(out.logits[:, :-1]) / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, -span:].unsqueeze(2)).squeeze(2)
+    aligned = torch.zeros(len(sequences), k, device=logp.device)
+    mask = torch.zeros(len(sequences), k, device=logp.device)
+    for r, (nt, tl) in enumerate(zip(n_trained, tail, strict=True)):
+        if nt:
+            end = span - tl  # exclusive end, in the `span` window, of the trained tokens
+            aligned[r, k - nt :] = logp[r, end - nt : end]
+            mask[r, k - nt :] = 1.0
+    return aligned, mask, out.hidden_states[-1][:, -1]
+
+
 @torch.no_grad()
 def score_trajectories(
     model: RecModel,
@@ -343,16 +363,14 @@ def score_trajectories(
     states = []
     for start in range(0, len(seqs), batch_size):
         rows = range(start, min(start + batch_size, len(seqs)))
-        ids, mask = model.pad([seqs[r] for r in rows])
-        out = model(ids, mask, output="lm")
-        logp = torch.log_softmax(model.reasoning_logits(out.logits.float()) / temperature, dim=-1)
-        hidden = out.hidden_states[-1]
-        for j, r in enumerate(rows):
-            p, k = len(prompt_ids[r]), len(reasoning_ids[r])
-            tokens = ids[j, p : p + k].unsqueeze(1)
-            roll.old_logprobs.append(logp[j, p - 1 : p - 1 + k].gather(1, tokens).squeeze(1).cpu())
-            states.append(hidden[j, len(seqs[r]) - 1].float().cpu())
-    roll.user_states = torch.stack(states) if states else torch.empty(0, model.hidden_size)
+        n_trained = [len(reasoning_ids[r]) for r in rows]
+        logp, _, hidden = reasoning_logprobs(
+            model, [seqs[r] for r in rows], n_trained, [not sampled_answer[r] for r in rows], temperature
+        )
+        k = logp.shape[1]
+        roll.old_logprobs.extend(logp[j, k - nt :].float().cpu() for j, nt in enumerate(n_trained))
+        states.append(hidden.float().cpu())
+    roll.user_states = torch.cat(states) if states else torch.empty(0, model.hidden_size)
     return roll
 
 

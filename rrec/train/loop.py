@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 PROGRESS_FILE = "progress.json"
@@ -78,6 +79,8 @@ class Checkpoints:
 
     @staticmethod
     def _only_trainable(models: list[torch.nn.Module], weights: list[dict], _dir: str) -> None:
+        if not weights:  # DeepSpeed writes its engine's own checkpoint and hands no state dicts
+            return
         for model, state in zip(models, weights, strict=True):
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             for name in list(state):
@@ -113,7 +116,10 @@ class Checkpoints:
         return final
 
     def load(self, path: Path) -> Progress:
-        self.acc.load_state(str(path), strict=False)
+        # a checkpoint holds only the trainable weights (see _only_trainable); DeepSpeed's
+        # loader names the same switch differently
+        loose = {"load_module_strict": False} if self.acc.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
+        self.acc.load_state(str(path), **loose)
         return Progress.from_json((path / PROGRESS_FILE).read_text())
 
 

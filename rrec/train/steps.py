@@ -8,6 +8,8 @@ global batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 
 from rrec.config import Params
 from rrec.metrics import pad_histories
-from rrec.model.generation import Rollout, RolloutEngine, with_greedy_last
+from rrec.model.generation import Rollout, RolloutEngine, reasoning_logprobs
 from rrec.model.item_table import ItemTable
 from rrec.model.two_headed import RecModel
 from rrec.train.distributed import gather_no_grad, gather_with_grad, share
@@ -92,6 +94,21 @@ class StepContext:
         policy.train(was)
         return gather_no_grad(states, self.world)[: len(items)]
 
+    @contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Forward and backward passes whose gradients add up to one optimiser step
+        with those of a later, synchronising backward. accelerate steps a DeepSpeed
+        engine on every backward that syncs gradients, and DDP all-reduces on it, so
+        inside this block neither happens (the Hugging Face Trainer sets the same flag
+        under gradient accumulation)."""
+        acc = self.accelerator
+        acc.gradient_state._set_sync_gradients(False)
+        try:
+            with acc.no_sync(self.model):
+                yield
+        finally:
+            acc.gradient_state._set_sync_gradients(True)
+
     def optimiser_step(self) -> float:
         acc = self.accelerator
         grad_norm = acc.clip_grad_norm_(
@@ -136,6 +153,16 @@ class ContrastiveStep:
         }
 
 
+def without_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout of `model` to 0: dropout layers (LoRA's among them) and the
+    attention dropout that Hugging Face attention modules keep as a float."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 @dataclass
 class Experience:
     """What RecPO collects for one global batch before it updates: the rollout
@@ -166,6 +193,9 @@ class RecPOStep:
         self.ctx = ctx
         self.engine = engine
         self.table = table  # rows of trained targets refreshed after each step
+        # the update recomputes what the rollout computed without dropout (generation
+        # runs in eval mode): with dropout on, the importance ratios would start away from 1
+        without_dropout(ctx.policy)
 
     def __call__(self, batch: np.ndarray, step: int) -> dict[str, float]:
         return self.update(self.collect(batch))
@@ -179,16 +209,10 @@ class RecPOStep:
         device = ctx.accelerator.device
         local = ctx.local_users(batch)
         g = p.train.rollout.group_size
-
-        prompts = [ctx.user_prompt_ids[i] for i in local]
-        if p.train.rollout.greedy_in_group:
-            roll = with_greedy_last(
-                self.engine.generate(ctx.policy, prompts, group_size=g - 1, greedy=False),
-                self.engine.generate(ctx.policy, prompts, group_size=1, greedy=True),
-                g,
-            )
-        else:
-            roll = self.engine.generate(ctx.policy, prompts, group_size=g, greedy=False)
+        # an engine with weights of its own samples from the policy as it is now (the
+        # first step, after an update, after a resume)
+        self.engine.sync_weights(ctx.policy)
+        roll = self.engine.generate(ctx.policy, [ctx.user_prompt_ids[i] for i in local], group_size=g, greedy=False)
         targets = torch.tensor([ctx.targets[i] for i in local for _ in range(g)])
         history = pad_histories([ctx.histories[i] for i in local for _ in range(g)])
         users = roll.user_states.to(device)
@@ -232,10 +256,11 @@ class RecPOStep:
             n_tok = [trained_tokens[i] for i in rows]
             if sum(n_tok) == 0:
                 continue
-            new_lp, mask, old_lp = self._aligned_logprobs(seqs, roll, rows, rp.temperature, device)
-            loss, stats = token_loss(new_lp, old_lp, adv[rows], mask, tp.eps_low, tp.eps_high, average="global")
             weight = sum(n_tok) / total
-            ctx.accelerator.backward(loss * weight)
+            with ctx.accumulating():  # the item term's backward below steps
+                new_lp, mask, old_lp = self._aligned_logprobs(seqs, roll, rows, rp.temperature, device)
+                loss, stats = token_loss(new_lp, old_lp, adv[rows], mask, tp.eps_low, tp.eps_high, average="global")
+                ctx.accelerator.backward(loss * weight)
             tok_loss_sum += loss.item() * weight
             clip_hi += float(stats["clip_high"]) * weight
             clip_lo += float(stats["clip_low"]) * weight
@@ -259,7 +284,6 @@ class RecPOStep:
         # 5. refresh the rows of this batch's target items
         fresh = ctx.encode_items_no_grad(exp.items, exp.mine).cpu()
         self.table.update_rows(exp.items, fresh)
-        self.engine.sync_weights(policy)
 
         lengths = torch.tensor(roll.lengths, dtype=torch.float32)
         return {
@@ -287,30 +311,14 @@ class RecPOStep:
         self, seqs: list[list[int]], roll: Any, rows: list[int], temperature: float, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """New and old log-probs of the trained tokens of `rows`, [n, K] aligned at the
-        end of each trajectory, with the mask of trained tokens.
-
-        A trajectory is prompt + trained tokens (+ an appended <answer> that is not
-        trained). With left padding all trajectories end in the last column."""
-        ctx = self.ctx
-        batch = [seqs[i] for i in rows]
-        ids, attn = ctx.policy.pad(batch, padding_side="left")
+        end of each trajectory, with the mask of trained tokens."""
         n_trained = [len(roll.old_logprobs[i]) for i in rows]
-        tail = [0 if roll.sampled_answer[i] else 1 for i in rows]  # appended, untrained <answer>
-        k = max(n_trained)
-        span = k + max(tail)
-        out = ctx.model(ids, attn, output="lm", logits_to_keep=span + 1)
-        # column c predicts token c+1; the same special-token mask as the rollout's
-        logits = ctx.policy.reasoning_logits(out.logits[:, :-1]) / temperature
-        next_tokens = ids[:, -span:]
-        logp = torch.log_softmax(logits, dim=-1).gather(2, next_tokens.unsqueeze(2)).squeeze(2)
-        new = torch.zeros(len(rows), k, device=device)
-        old = torch.zeros(len(rows), k, device=device)
-        mask = torch.zeros(len(rows), k, device=device)
-        for r, (nt, tl) in enumerate(zip(n_trained, tail, strict=True)):
-            if nt == 0:
-                continue
-            end = span - tl  # exclusive end, in the `span` window, of the trained tokens
-            new[r, k - nt :] = logp[r, end - nt : end]
-            old[r, k - nt :] = roll.old_logprobs[rows[r]].to(device)
-            mask[r, k - nt :] = 1.0
+        new, mask, _ = reasoning_logprobs(
+            self.ctx.policy, [seqs[i] for i in rows], n_trained, [not roll.sampled_answer[i] for i in rows],
+            temperature, forward=self.ctx.model,
+        )
+        old = torch.zeros_like(new)
+        for r, nt in enumerate(n_trained):
+            if nt:
+                old[r, -nt:] = roll.old_logprobs[rows[r]].to(device)
         return new, mask, old
