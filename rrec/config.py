@@ -220,10 +220,13 @@ class RecPOParams(_Strict):
     ndcg_cutoff: int = Field(1000, ge=1)
     # a cap on RecPO's optimiser steps on top of train.max_steps: a RecPO step samples
     # group_size reasonings per user, so it costs many contrastive steps
-    max_steps: int | None = Field(75, ge=1)
+    max_steps: int | None = Field(100, ge=1)
     # RecPO's learning rate (null: train.lr). RL fine-tunes a trained model, whose
     # state a supervised rate can knock off (docs/learning.md)
     lr: float | None = Field(1e-4, gt=0)
+    # the first N of those steps train only the recommendation head, with the contrastive
+    # loss on h_u read after the greedy reasoning (what evaluation reads), before RL
+    item_warmup_steps: int = Field(25, ge=0)
 
 
 METHODS = ("contrastive", "recpo")  # the LLM training methods; dvc.yaml trains them in this order

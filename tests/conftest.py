@@ -46,6 +46,8 @@ TINY_OVERRIDES: dict = {
     # each test trains one method alone; starting from the contrastive model is tested
     # in test_train.py and end to end in test_pipeline_e2e.py
     "train.recpo.init": "backbone",
+    # two warm-up steps, then RecPO proper: a resume at step 2 crosses the boundary
+    "train.recpo.item_warmup_steps": 2,
     "evaluate.max_new_tokens": 4,
     "evaluate.max_users": 40,
     "baselines.epochs": 2,

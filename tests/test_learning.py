@@ -73,7 +73,7 @@ def _heldout_ndcg(rec: RecModel, item_ids, users, targets, engine: HFEngine) -> 
     return ranking_metrics(ranks, ks=(10,))["ndcg@10"]
 
 
-def _setup(max_new_tokens: int):
+def _setup(max_new_tokens: int, item_warmup_steps: int = 0):
     torch.manual_seed(0)
     items, users, targets = _fixture()
     rec = _model(items, users)
@@ -82,17 +82,19 @@ def _setup(max_new_tokens: int):
     params = parse_params({
         "model": {"tau": 0.1},
         "train": {"lr": 3e-3, "warmup_steps": 0, "batch_size": 16, "micro_batch_size": 64,
+                  "recpo": {"item_warmup_steps": item_warmup_steps},
                   "rollout": {"group_size": 4, "temperature": 1.0, "top_k": 0, "max_new_tokens": max_new_tokens}},
     })  # fmt: skip
     engine = HFEngine(temperature=1.0, top_k=0, max_new_tokens=max_new_tokens, batch_size=64)
     return rec, item_ids, user_ids, targets, params, engine
 
 
-@pytest.mark.parametrize("max_new_tokens", [1, 4])
-def test_recpo_learns(max_new_tokens):
+@pytest.mark.parametrize(("max_new_tokens", "item_warmup_steps"), [(1, 0), (4, 0), (4, 10)])
+def test_recpo_learns(max_new_tokens, item_warmup_steps):
     """Full RecPO steps (sampling, reward, both terms, table refresh): the in-batch
-    reward rises and held-out NDCG@10 beats the untrained model's clearly."""
-    rec, item_ids, user_ids, targets, params, engine = _setup(max_new_tokens)
+    reward rises and held-out NDCG@10 beats the untrained model's clearly, with and
+    without the item warm-up's first steps."""
+    rec, item_ids, user_ids, targets, params, engine = _setup(max_new_tokens, item_warmup_steps)
     train, held = range(0, 320), range(320, 400)
     held_users, held_targets = [user_ids[i] for i in held], [targets[i] for i in held]
     before = _heldout_ndcg(rec, item_ids, held_users, held_targets, engine)

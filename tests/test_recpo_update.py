@@ -17,7 +17,7 @@ from rrec.train.build import assemble
 from tests.test_learning import _setup
 
 
-def _recpo(dropout: float, dtype: torch.dtype = torch.float32):
+def _recpo(dropout: float, dtype: torch.dtype = torch.float32, item_warmup_steps: int = 0):
     rec, item_ids, user_ids, targets, params, engine = _setup(4)
     lm = apply_lora(rec.lm.to(dtype), LoraParams(enabled=True, r=4, alpha=8.0, dropout=dropout))
     with torch.no_grad():  # a trained adapter: a fresh one (B = 0) passes nothing through its dropout
@@ -26,7 +26,10 @@ def _recpo(dropout: float, dtype: torch.dtype = torch.float32):
                 p.normal_(0.0, 0.3)
     rec = RecModel(lm, rec.tokenizer, tau=rec.tau)
     rec.train()
-    params = params.model_copy(update={"train": params.train.model_copy(update={"micro_batch_size": 16})})
+    recpo = params.train.recpo.model_copy(update={"item_warmup_steps": item_warmup_steps})
+    params = params.model_copy(
+        update={"train": params.train.model_copy(update={"micro_batch_size": 16, "recpo": recpo})}
+    )
     with torch.no_grad():
         table = rec.encode(item_ids).float()
     training = assemble(
@@ -56,3 +59,20 @@ def test_one_gradient_synchronisation_per_update(monkeypatch):
     training.step(torch.arange(16).numpy(), 0)  # 64 trajectories: 4 token micro-batches, then the item term
     assert synced == [False, False, False, False, True]
     assert acc.sync_gradients
+
+
+def test_item_warmup_trains_the_head_through_the_greedy_reasoning(monkeypatch):
+    torch.manual_seed(0)
+    training = _recpo(dropout=0.0, item_warmup_steps=1)
+    engine, table = training.step.engine, training.step.table
+    greedy: list[bool] = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **kw: (greedy.append(kw["greedy"]), generate(*a, **kw))[1])
+    batch = torch.arange(16).numpy()
+    targets = sorted({training.ctx.targets[i] for i in batch})
+    before = table.embeddings[targets].clone()
+    warm = training.step(batch, 0)
+    assert greedy == [True] and "reward" not in warm and warm["loss"] > 0
+    assert not torch.allclose(table.embeddings[targets], before)  # the trained rows are refreshed
+    assert "reward" in training.step(torch.arange(16, 32).numpy(), 1)  # then RecPO proper
+    assert greedy == [True, False]

@@ -127,18 +127,27 @@ class StepContext:
 
 class ContrastiveStep:
     """In-batch softmax cross-entropy between `h_u` at `<answer>` appended to the user
-    prompt (no reasoning) and the batch's target item states (paper eq. 1)."""
+    prompt (no reasoning) and the batch's target item states (paper eq. 1). With a
+    `reasoning` engine, `h_u` is read after the policy's greedy reasoning instead (RecPO's
+    item warm-up)."""
 
     table = None  # no item table: the in-batch targets are encoded at every step
 
-    def __init__(self, ctx: StepContext) -> None:
+    def __init__(self, ctx: StepContext, reasoning: RolloutEngine | None = None) -> None:
         self.ctx = ctx
+        self.reasoning = reasoning
 
     def __call__(self, batch: np.ndarray, step: int) -> dict[str, float]:
         ctx = self.ctx
         local = ctx.local_users(batch)
         items, column, mine = ctx.batch_targets(batch)
-        seqs = [ctx.user_prompt_ids[i] for i in local] + [ctx.item_prompt_ids[i] for i in mine]
+        if self.reasoning is None:
+            users_seqs = [ctx.user_prompt_ids[i] for i in local]
+        else:
+            self.reasoning.sync_weights(ctx.policy)
+            roll = self.reasoning.generate(ctx.policy, [ctx.user_prompt_ids[i] for i in local], group_size=1, greedy=True)
+            users_seqs = roll.sequences(ctx.policy.answer_token_id)
+        seqs = users_seqs + [ctx.item_prompt_ids[i] for i in mine]
         ids, mask = ctx.policy.pad(seqs)
         states = ctx.model(ids, mask)
         users, item_states = states[: len(local)], gather_with_grad(states[len(local) :], ctx.world)[: len(items)]
@@ -196,8 +205,16 @@ class RecPOStep:
         # the update recomputes what the rollout computed without dropout (generation
         # runs in eval mode): with dropout on, the importance ratios would start away from 1
         without_dropout(ctx.policy)
+        # train.recpo.item_warmup_steps: the head first learns to read <answer> after the
+        # greedy reasoning that evaluation reads, as a supervised stage precedes RL
+        self.item_warmup = ContrastiveStep(ctx, reasoning=engine)
 
     def __call__(self, batch: np.ndarray, step: int) -> dict[str, float]:
+        if step < self.ctx.params.train.recpo.item_warmup_steps:
+            logs = self.item_warmup(batch, step)
+            items, _, mine = self.ctx.batch_targets(batch)
+            self.table.update_rows(items, self.ctx.encode_items_no_grad(items, mine).cpu())
+            return logs
         return self.update(self.collect(batch))
 
     @torch.no_grad()
