@@ -49,7 +49,7 @@ dvc exp run \
     -S data.window.min_items=1000 \
     -S train.max_steps=300 \
     -S train.eval_max_users=300 \
-    -S train.recpo.max_steps=60 \
+    -S train.recpo.max_steps=85 \
     -S baselines.epochs=20 \
     -S train.logq_correction=true \
     "$@"
