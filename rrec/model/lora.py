@@ -65,7 +65,7 @@ def merged_weights(model: PreTrainedModel | PeftModel) -> Iterator[tuple[str, to
         return
     base = model.get_base_model()
     adapter = model.active_adapter
-    deltas = {
+    lora_layers = {
         f"{name}.base_layer.weight": module
         for name, module in base.named_modules()
         if isinstance(module, LoraLayer) and adapter in module.lora_A
@@ -73,8 +73,8 @@ def merged_weights(model: PreTrainedModel | PeftModel) -> Iterator[tuple[str, to
     for name, tensor in base.state_dict().items():
         if ".lora_" in name:
             continue
-        if name in deltas:
-            tensor = tensor + deltas[name].get_delta_weight(adapter).to(tensor.dtype)
+        if name in lora_layers:
+            tensor = tensor + lora_layers[name].get_delta_weight(adapter).to(tensor.dtype)
         yield name.replace(".base_layer.", "."), tensor
 
 

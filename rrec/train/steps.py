@@ -213,9 +213,14 @@ class RecPOStep:
         if step < self.ctx.params.train.recpo.item_warmup_steps:
             logs = self.item_warmup(batch, step)
             items, _, mine = self.ctx.batch_targets(batch)
-            self.table.update_rows(items, self.ctx.encode_items_no_grad(items, mine).cpu())
+            self.refresh_table(items, mine)
             return logs
         return self.update(self.collect(batch))
+
+    def refresh_table(self, items: list[int], mine: list[int]) -> None:
+        """Re-encode the rows of the batch's target items with the updated policy, so the
+        next rewards see them (step 5)."""
+        self.table.update_rows(items, self.ctx.encode_items_no_grad(items, mine).cpu())
 
     @torch.no_grad()
     def collect(self, batch: np.ndarray) -> Experience:
@@ -298,9 +303,7 @@ class RecPOStep:
         ctx.accelerator.backward(i_loss)
         grad_norm = ctx.optimiser_step()
 
-        # 5. refresh the rows of this batch's target items
-        fresh = ctx.encode_items_no_grad(exp.items, exp.mine).cpu()
-        self.table.update_rows(exp.items, fresh)
+        self.refresh_table(exp.items, exp.mine)  # 5.
 
         lengths = torch.tensor(roll.lengths, dtype=torch.float32)
         return {
