@@ -1,7 +1,9 @@
 """What reading `<answer>` after greedy reasoning does to a trained model: NDCG@10 of the
 model on the whole valid and test splits with the user state read right after the prompt
 (no reasoning, as the contrastive model is trained and evaluated) and after N tokens of
-greedy reasoning (as RecPO starts from it and is evaluated), plus the paired difference.
+greedy reasoning (as RecPO starts from it and is evaluated), plus the paired difference,
+and how many distinct reasonings the users get (a reasoning that is the same text for
+every user carries nothing about the user).
 
     python benchmarks/reasoning_cost.py                      # models/trained/contrastive
     ROOT=/path/to/project python benchmarks/reasoning_cost.py contrastive 8
@@ -11,6 +13,7 @@ A diagnosis, not a pipeline stage: nothing is written to the project.
 
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -40,5 +43,8 @@ for split in ("valid", "test"):
         ranks[reasoning] = dict(zip(users.example_ids, details["ranks"].tolist(), strict=True))
         print(f"{split} n={len(users)} {'after reasoning' if reasoning else 'no reasoning'}: "
               f"ndcg@10 {metrics['ndcg@10']:.4f}, reasoning length {metrics['reasoning_len']:.1f}")
+    texts = Counter(rec.tokenizer.decode(ids) for ids in details["reasoning_ids"])
+    (common, count), = texts.most_common(1)
+    print(f"{split}: {len(texts)} distinct reasonings; the most common, {common!r}, for {count} of {len(users)}")
     diff, (low, high), _, _ = paired_difference([ranks[False]], [ranks[True]])
     print(f"{split}: reasoning minus none {diff:+.4f} (95 % interval {low:+.4f} … {high:+.4f})")
