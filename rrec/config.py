@@ -220,7 +220,7 @@ class RecPOParams(_Strict):
     ndcg_cutoff: int = Field(1000, ge=1)
     # a cap on RecPO's optimiser steps on top of train.max_steps: a RecPO step samples
     # group_size reasonings per user, so it costs many contrastive steps
-    max_steps: int | None = Field(100, ge=1)
+    max_steps: int | None = Field(150, ge=1)
     # RecPO's learning rate (null: train.lr). RL fine-tunes a trained model, whose
     # state a supervised rate can knock off (docs/learning.md)
     lr: float | None = Field(1e-4, gt=0)
