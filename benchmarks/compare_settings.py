@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rrec.metrics import paired_difference
+from quality import print_paired  # this folder's quality.py, the same table
+
 from rrec.stages.evaluate import RANKS_CSV, read_ranks
 
 
@@ -33,12 +34,8 @@ def main() -> None:
     (a, seeds_a), (b, seeds_b) = seed_ranks(args.a, args.method), seed_ranks(args.b, args.method)
     if seeds_a != seeds_b:
         raise SystemExit(f"the two folders hold different seeds: {seeds_a} and {seeds_b}")
-    print(f"{args.method}, {args.b} − {args.a}, NDCG@10, {len(seeds_a)} seeds")
-    print("| split | n | difference | 95 % interval | seeds where B is ahead |")
-    print("|---|---|---|---|---|")
-    for split in ("valid", "test"):
-        diff, (low, high), ahead, n = paired_difference(a[split], b[split])
-        print(f"| {split} | {n} | {diff:+.4f} | {low:+.4f} … {high:+.4f} | {ahead} of {len(seeds_a)} |")
+    print(f"{args.method}, {args.b} − {args.a}, NDCG@10, {len(seeds_a)} seeds (seeds ahead: where B is above A)")
+    print_paired(a, b)
 
 
 if __name__ == "__main__":

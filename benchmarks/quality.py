@@ -51,6 +51,19 @@ COLUMNS = ("ndcg@10", "hit@10", "ndcg@20", "hit@20")
 UNREAD = {"contrastive": (("train", "recpo"), ("train", "rollout"), ("evaluate", "max_new_tokens"))}
 
 
+def print_paired(ranks_a: dict[str, list[dict[int, int]]], ranks_b: dict[str, list[dict[int, int]]]) -> dict[str, dict]:
+    """Print B − A in NDCG@10 per split as a table (`ranks_*[split]`: one {example: rank}
+    per seed, the same seeds in both) and return the figures by split."""
+    print("| split | n | difference | 95 % interval | seeds ahead |")
+    print("|---|---|---|---|---|")
+    out = {}
+    for split in ("valid", "test"):
+        diff, (low, high), ahead, n = paired_difference(ranks_a[split], ranks_b[split])
+        out[split] = {"difference": diff, "low": low, "high": high, "ahead": ahead, "n": n}
+        print(f"| {split} | {n} | {diff:+.4f} | {low:+.4f} … {high:+.4f} | {ahead} of {len(ranks_a[split])} |")
+    return out
+
+
 def _scratch(root: Path, into: Path) -> Paths:
     for rel in SHARED:
         src = root / rel
@@ -195,12 +208,8 @@ def main() -> None:
     for other in others:
         print(f"paired, {other} − {base}, NDCG@10 on the same examples (mean over seeds; "
               "95 % bootstrap interval over examples):\n")
-        print("| split | n | difference | 95 % interval | seeds ahead |")
-        print("|---|---|---|---|---|")
-        for split in ("valid", "test"):
-            diff, (low, high), ahead, n = paired_difference(seed_ranks[base][split], seed_ranks[other][split])
-            comparisons[f"{other}-{base}/{split}"] = {"difference": diff, "low": low, "high": high, "ahead": ahead, "n": n}
-            print(f"| {split} | {n} | {diff:+.4f} | {low:+.4f} … {high:+.4f} | {ahead} of {len(args.seeds)} |")
+        for split, stats in print_paired(seed_ranks[base], seed_ranks[other]).items():
+            comparisons[f"{other}-{base}/{split}"] = stats
         print()
     if args.out:
         out = {"per_seed": per_seed, "references": references, "paired": comparisons}
