@@ -47,8 +47,13 @@ from rrec.train.run import run_train
 
 SHARED = ("data/processed", "data/prompts", "models/backbone", "models/item_table", "dvc.lock")
 COLUMNS = ("ndcg@10", "hit@10", "ndcg@20", "hit@20")
-# params a method never reads, so changing them keeps its earlier result in --workdir
-UNREAD = {"contrastive": (("train", "recpo"), ("train", "rollout"), ("evaluate", "max_new_tokens"))}
+# params that change neither what a method trains nor its evaluation, so changing them
+# keeps its earlier result in --workdir (the reward probe only adds points to the curves)
+UNREAD = {
+    "contrastive": (("train", "recpo"), ("train", "rollout"), ("evaluate", "max_new_tokens"),
+                    ("train", "reward_probe_users")),
+    "recpo": (("train", "reward_probe_users"),),
+}
 
 
 def print_paired(ranks_a: dict[str, list[dict[int, int]]], ranks_b: dict[str, list[dict[int, int]]]) -> dict[str, dict]:

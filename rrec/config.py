@@ -249,6 +249,9 @@ class TrainParams(_Strict):
     # validation during training: every example of this many seeded random users
     # (null: the whole valid split)
     eval_max_users: int | None = Field(None, ge=1)
+    # each evaluation also scores the fused reward of every train example of this many
+    # seeded train users (0: none): a training reward comparable across steps
+    reward_probe_users: int = Field(256, ge=0)
     patience: int = Field(2, ge=1)
     # no early stopping before this step: the contrastive loss sits at ln(batch) for its
     # first 150-200 steps, and patience alone would stop it there

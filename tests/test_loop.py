@@ -52,6 +52,30 @@ def test_min_steps_waits_out_the_plateau_then_patience_applies() -> None:
     assert saved == [10, 50, 60] and progress.best_step == 60 and progress.best_metric == 0.040
 
 
+def test_the_starting_weights_are_evaluated_but_never_kept() -> None:
+    evaluated: list[int] = []
+    logged: list[dict[str, float]] = []
+    saved: list[int] = []
+    config = LoopConfig(n_examples=300, batch_size=10, epochs=1, max_steps=None, eval_every=10,
+                        checkpoint_every=1000, patience=2, seed=0, eval_at_start=True)
+
+    def eval_fn(step: int) -> dict[str, float]:
+        evaluated.append(step)
+        # the start scores best, as an untrained policy could on a short run
+        return {"ndcg@10": 0.5 if step == 0 else 0.1 * step / 10, "train_reward": 0.2}
+
+    progress = run_loop(
+        config, SimpleNamespace(is_main_process=False), _NoCheckpoints(),
+        step_fn=lambda batch, step: {"loss": 1.0}, eval_fn=eval_fn,
+        on_best=saved.append, log_fn=lambda scalars, step: logged.append(scalars),
+    )
+    assert evaluated == [0, 10, 20, 30]
+    assert [e["step"] for e in progress.evals] == [0, 10, 20, 30]
+    assert saved == [10, 20, 30] and progress.best_step == 30
+    # validation metrics are logged as valid_*, the train probe's reward under its own name
+    assert logged[0] == {"valid_ndcg@10": 0.5, "train_reward": 0.2}
+
+
 class _RecordingAccelerator:
     """What `Checkpoints` calls on an accelerator, recorded."""
 

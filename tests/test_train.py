@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import signal
@@ -155,6 +156,12 @@ def test_train_then_evaluate_writes_reports(project_copy):
     assert lines[0] == "method,split,k,hit,ndcg" and len(lines) == 1 + 3 * 2 * 3
     curves = (out / "train_curves.csv").read_text().splitlines()
     assert curves[0].startswith("step,") and len(curves) == 7
+    # the starting weights are a point of the validation curve, with the fused reward on
+    # valid and on the fixed train probe, comparable across steps
+    evals = list(csv.DictReader((out / "valid_curves.csv").open()))
+    assert [int(e["step"]) for e in evals] == [0, 3, 6] and summary["best_step"] != 0
+    for e in evals:
+        assert 0 < float(e["reward"]) <= 1 and 0 < float(e["train_reward"]) <= 1
     # every example's rank, in the order and number the metrics were computed on
     ranks = read_ranks(out / RANKS_CSV)
     for split in ("valid", "test"):

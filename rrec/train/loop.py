@@ -135,6 +135,8 @@ class LoopConfig:
     seed: int
     metric: str = "ndcg@10"
     min_steps: int = 0  # early stopping waits until this step
+    # evaluate the starting weights too: a point of the curves, never the kept model
+    eval_at_start: bool = False
 
 
 def run_loop(
@@ -163,11 +165,15 @@ def run_loop(
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     bar = tqdm(total=total, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
 
-    def evaluate_now() -> bool:
+    def record_eval() -> dict[str, float]:
         metrics = eval_fn(progress.step)
-        log_fn({f"valid_{k}": v for k, v in metrics.items()}, progress.step)
-        value = metrics[cfg.metric]
+        # the probe's training reward keeps its name; the rest is validation
+        log_fn({k if k.startswith("train_") else f"valid_{k}": v for k, v in metrics.items()}, progress.step)
         progress.evals.append({"step": progress.step, **metrics})
+        return metrics
+
+    def evaluate_now() -> bool:
+        value = record_eval()[cfg.metric]
         if value > progress.best_metric:
             progress.best_metric, progress.best_step, progress.bad_evals = value, progress.step, 0
             on_best(progress.step)
@@ -175,6 +181,8 @@ def run_loop(
             progress.bad_evals += 1
         return progress.bad_evals >= cfg.patience and progress.step >= cfg.min_steps
 
+    if cfg.eval_at_start and progress.step == 0 and not progress.evals:
+        record_eval()
     while progress.stopped is None:
         if progress.epoch >= cfg.epochs:
             progress.stopped = "epochs"

@@ -22,6 +22,7 @@ import torch
 
 from rrec.config import METHODS, Params
 from rrec.items import encode_items
+from rrec.metrics import pad_histories
 from rrec.model.item_table import ItemTable
 from rrec.model.loading import ADAPTER_DIR, TABLE_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
 from rrec.model.lora import save_adapter
@@ -30,6 +31,7 @@ from rrec.prompts import load_user_prompts
 from rrec.ranking import evaluate_policy, item_titles, reasoning_samples
 from rrec.train.build import Training, build_training
 from rrec.train.loop import Checkpoints, LoopConfig, Progress, fingerprint, run_loop
+from rrec.train.objectives import rewards
 
 STEPS_LOG = "steps.jsonl"
 
@@ -91,6 +93,12 @@ class Trainer:
         self.main = training.accelerator.is_main_process
         # the same seeded users for every method and every evaluation (all by default)
         self.valid_users = load_user_prompts(paths, "valid").sample_users(tp.eval_max_users, params.seed)
+        # a fixed seeded sample of train users whose reward every evaluation scores again:
+        # the training reward comparable across steps (the in-batch one changes batches)
+        self.probe_users = (
+            load_user_prompts(paths, "train").sample_users(tp.reward_probe_users, params.seed)
+            if tp.reward_probe_users else None
+        )
         self.titles = item_titles(paths)
         self.eval_table: ItemTable | None = None
 
@@ -119,6 +127,13 @@ class Trainer:
             policy, self.eval_table, self.valid_users, reasoning=training.reasoning, ks=params.evaluate.ks,
             max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size, progress=self.main,
         )
+        metrics["reward"] = self._mean_reward(details["states"], self.valid_users)
+        if self.probe_users is not None:
+            _, probe = evaluate_policy(
+                policy, self.eval_table, self.probe_users, reasoning=training.reasoning, ks=params.evaluate.ks,
+                max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size, progress=False,
+            )
+            metrics["train_reward"] = self._mean_reward(probe["states"], self.probe_users)
         policy.train()
         if self.main and params.train.eval_samples:
             import mlflow
@@ -127,6 +142,17 @@ class Trainer:
                                      n=params.train.eval_samples)
             mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, f"reasoning/step_{step:06d}.json")
         return metrics
+
+    def _mean_reward(self, states: torch.Tensor, users: Any) -> float:
+        """The mean fused reward (the one RecPO optimises) of `users`' states against
+        the evaluation table, encoded by the same weights."""
+        assert self.eval_table is not None, "scored after the evaluation table is encoded"
+        p = self.params
+        r, _, _ = rewards(
+            states, self.eval_table.embeddings, torch.tensor(users.targets), pad_histories(users.histories),
+            p.model.tau, p.train.recpo.beta, p.train.recpo.ndcg_cutoff,
+        )
+        return float(r.mean())
 
     def save_best(self, step: int) -> None:
         if not self.main:
@@ -191,7 +217,7 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
         cfg = LoopConfig(
             n_examples=len(train_users), batch_size=tp.batch_size, epochs=tp.epochs, max_steps=tp.steps_for(method),
             eval_every=tp.eval_every, checkpoint_every=tp.checkpoint_every, patience=tp.patience, seed=tp.seed,
-            min_steps=tp.min_steps,
+            min_steps=tp.min_steps, eval_at_start=True,
         )
         progress = run_loop(
             cfg, accelerator, checkpoints, trainer.step, trainer.evaluate, trainer.save_best, trainer.log,
