@@ -52,3 +52,21 @@ def test_no_stage_lists_code_it_does_not_import(module: str) -> None:
     code = [d for d in STAGES[module]["deps"] if d.startswith("rrec")]
     unused = [d for d in code if not any(covered(f, {d}) for f in imported)]
     assert not unused, f"dvc.yaml stage {STAGES[module]['stage']} lists code it never imports: {unused}"
+
+
+def test_top_level_plots_draw_columns_a_stage_writes() -> None:
+    """Each top-level plot reads a file a stage declares and columns that file has (the
+    committed reports are the pipeline's last run)."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    declared = {
+        next(iter(p)) if isinstance(p, dict) else p
+        for stage in spec["stages"].values()
+        for p in stage.get("do", stage).get("plots", [])
+    }
+    declared = {d.replace("${key}", "recpo").replace("${item}", "recpo") for d in declared}
+    for plot in spec["plots"]:
+        (name, body), = plot.items()
+        for file, columns in body["y"].items():
+            assert file in declared, f"plot {name} reads {file}, which no stage writes"
+            header = (REPO / file).read_text().splitlines()[0].split(",")
+            assert body["x"] in header and set(columns) <= set(header), (name, header)
