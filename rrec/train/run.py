@@ -27,7 +27,7 @@ from rrec.model.item_table import ItemTable
 from rrec.model.loading import ADAPTER_DIR, TABLE_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
 from rrec.model.lora import save_adapter
 from rrec.paths import Paths
-from rrec.prompts import load_user_prompts
+from rrec.prompts import UserPrompts, load_user_prompts
 from rrec.ranking import evaluate_policy, item_titles, reasoning_samples
 from rrec.train.build import Training, build_training
 from rrec.train.loop import Checkpoints, LoopConfig, Progress, fingerprint, run_loop
@@ -143,7 +143,7 @@ class Trainer:
             mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, f"reasoning/step_{step:06d}.json")
         return metrics
 
-    def _mean_reward(self, states: torch.Tensor, users: Any) -> float:
+    def _mean_reward(self, states: torch.Tensor, users: UserPrompts) -> float:
         """The mean fused reward (the one RecPO optimises) of `users`' states against
         the evaluation table, encoded by the same weights."""
         assert self.eval_table is not None, "scored after the evaluation table is encoded"
