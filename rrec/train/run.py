@@ -23,6 +23,7 @@ import torch
 from rrec.config import METHODS, Params
 from rrec.items import encode_items
 from rrec.metrics import pad_histories
+from rrec.model.generation import policy_user_states
 from rrec.model.item_table import ItemTable
 from rrec.model.loading import ADAPTER_DIR, TABLE_DIR, TOKENIZER_DIR, TRAIN_SUMMARY
 from rrec.model.lora import save_adapter
@@ -129,11 +130,11 @@ class Trainer:
         )
         metrics["reward"] = self._mean_reward(details["states"], self.valid_users)
         if self.probe_users is not None:
-            _, probe = evaluate_policy(
-                policy, self.eval_table, self.probe_users, reasoning=training.reasoning, ks=params.evaluate.ks,
+            probe_states, _ = policy_user_states(
+                policy, self.probe_users.conversations, reasoning=training.reasoning,
                 max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size, progress=False,
             )
-            metrics["train_reward"] = self._mean_reward(probe["states"], self.probe_users)
+            metrics["train_reward"] = self._mean_reward(probe_states, self.probe_users)
         policy.train()
         if self.main and params.train.eval_samples:
             import mlflow
