@@ -25,6 +25,7 @@ from rrec.data.download import (
     source_urls,
 )
 from rrec.paths import Paths
+from rrec.stages.download import download_stage
 
 CHUNK = 1024
 
@@ -451,3 +452,76 @@ def test_the_download_stage_fails_once_on_a_404_with_one_message(server: Server,
     ], out
     assert "stage download failed" in out and "Traceback" not in out
     assert len(server.requests) == 1, server.requests
+
+
+# ------------------------------------------------------------------ under dvc repro
+
+INTER = "/benchmark/5core/rating_only/Toy_Cat.csv.gz"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dvc_project(tmp_path: Path, base_url: str) -> Path:
+    """A DVC project holding the real `download` stage of dvc.yaml and the rrec sources."""
+    import shutil
+
+    import yaml
+
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "rrec", project / "rrec", ignore=shutil.ignore_patterns("__pycache__"))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"download": stages["download"]}}))
+    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tree["data"].update({"source": "amazon2023", "category": "Toy_Cat", "base_url": base_url,
+                         "retries": 0, "chunk_bytes": CHUNK})
+    (project / "params.yaml").write_text(yaml.safe_dump(tree))
+    _dvc(project, "init", "--no-scm", "-q")
+    return project
+
+
+def _dvc(project: Path, *args: str) -> tuple[int, str]:
+    import os
+    import subprocess
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run([str(bin_dir / "dvc"), *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_dvc_repro_resumes_a_cut_download_and_keeps_verified_files(
+    server: Server, tmp_path: Path
+) -> None:
+    server.files[INTER] = inter = gz_bytes(31)
+    server.files[META] = meta = gz_bytes(32)
+    project = _dvc_project(tmp_path, server.base)
+    raw = project / "data" / "raw"
+
+    server.cut_next = 1
+    rc, out = _dvc(project, "repro", "download")
+    assert rc != 0 and "run the download again to resume" in out, out
+    kept = (raw / "Toy_Cat.csv.gz.part").stat().st_size
+    assert 0 < kept < len(inter)
+
+    rc, out = _dvc(project, "repro", "download")
+    assert rc == 0, out
+    assert server.ranges(INTER) == [None, f"bytes={kept}-"]
+    assert (raw / "Toy_Cat.csv.gz").read_bytes() == inter
+    assert (raw / "meta_Toy_Cat.jsonl.gz").read_bytes() == meta
+
+    asked = len(server.requests)
+    rc, out = _dvc(project, "repro", "--force", "download")
+    assert rc == 0, out
+    assert len(server.requests) == asked, server.requests[asked:]
+    assert sorted(p.name for p in raw.iterdir()) == ["Toy_Cat.csv.gz", "meta_Toy_Cat.jsonl.gz"]
+
+
+def test_the_stage_removes_files_other_settings_left(server: Server, tmp_path: Path) -> None:
+    server.files[INTER] = gz_bytes(33)
+    server.files[META] = gz_bytes(34)
+    paths = Paths(root=tmp_path)
+    paths.raw.mkdir(parents=True)
+    for name in ("Other.csv.gz", "Other.csv.gz.part", "meta_Other.jsonl.gz"):
+        (paths.raw / name).write_bytes(b"x")
+    download_stage(_params(server.base), paths)
+    assert sorted(p.name for p in paths.raw.iterdir()) == ["Toy_Cat.csv.gz", "meta_Toy_Cat.jsonl.gz"]
