@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,67 @@ def configure(root: Path | None = None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
     uri = require_reachable(root)
     store_dir(root).mkdir(parents=True, exist_ok=True)
+    own = store_dir(root).resolve()
+    if uri == f"sqlite:///{own / 'mlflow.db'}" and uri not in _RELOCATED:
+        relocate_store(own)
+        _RELOCATED.add(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+_RELOCATED: set[str] = set()
+# Every column of MLflow's sqlite schema that records where artifacts are.
+_LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
+
+
+def relocate_store(store: Path) -> list[Path]:
+    """Make the project's own store (`mlflow/`) follow its checkout when it is copied or
+    moved: MLflow records absolute artifact locations, so locations under the checkout the
+    store was made in are rewritten to this one (the artifacts came along with it).
+    Returns the checkouts moved away from."""
+    import sqlite3
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    store = store.resolve()
+    db = store / "mlflow.db"
+    if not db.is_file():
+        return []
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return []
+        old_roots: set[Path] = set()
+        for (loc,) in con.execute("SELECT artifact_location FROM experiments"):
+            if loc and loc.startswith("file://"):
+                where = Path(url2pathname(urlparse(loc).path))
+                if where.name == "artifacts" and where.parent.name == store.name and where.parent != store:
+                    old_roots.add(where.parent.parent)
+        new_root = store.parent
+        for old_root in sorted(old_roots):
+            prefixes = [(old_root.as_uri() + "/", new_root.as_uri() + "/"), (f"{old_root}/", f"{new_root}/")]
+            with con:
+                for table, column in _LOCATION_COLUMNS:
+                    if table not in tables or column not in {c[1] for c in con.execute(f"PRAGMA table_info({table})")}:
+                        continue
+                    for rowid, value in con.execute(f"SELECT rowid, {column} FROM {table}").fetchall():
+                        for old, new in prefixes:
+                            if isinstance(value, str) and value.startswith(old):
+                                con.execute(f"UPDATE {table} SET {column} = ? WHERE rowid = ?",
+                                            (new + value[len(old):], rowid))
+                                break
+            print(f"note: the MLflow store {store} was made in the checkout {old_root}; its artifact "
+                  f"locations now point into this checkout, {new_root}", file=sys.stderr, flush=True)
+        return sorted(old_roots)
+    finally:
+        con.close()
 
 
 def ensure_experiment(name: str, root: Path | None = None) -> str:
