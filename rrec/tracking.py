@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,24 +246,36 @@ def start_run(
 def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
     import mlflow
 
-    clean = {f"{prefix}{k}".replace("@", "_at_"): float(v) for k, v in metrics.items()}
-    mlflow.log_metrics(clean, step=step)
+    mlflow.log_metrics(metric_names(metrics, prefix), step=step)
+
+
+def metric_names(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """MLflow's names for `metrics` (`@` spelled `_at_`) under `prefix`."""
+    return {f"{prefix}{k}".replace("@", "_at_"): float(v) for k, v in metrics.items()}
 
 
 def log_evaluation(
     run_id: str, results: dict[str, dict[str, float]], samples: list[dict[str, Any]], report_file: Path,
-    root: Path | None = None,
+    root: Path | None = None, seconds: float | None = None,
 ) -> None:
-    """A trained policy's evaluation into its training run: `<split>_<metric>` metrics, the
-    test reasoning samples as a table and the metrics file."""
-    import mlflow
+    """A trained policy's evaluation into its training run, without reopening it (its
+    start and end stay those of the training): the kept model's figures under names of
+    their own, `best_valid_<metric>` and `test_<metric>` (the `valid_<metric>` curves are
+    the training's), the evaluation's duration (`evaluate_seconds`), the test reasoning
+    samples as a table and the metrics file."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
-    configure(root)
-    with mlflow.start_run(run_id=run_id):
-        for split, m in results.items():
-            log_metrics(m, prefix=f"{split}_")
-        mlflow.log_table({k: [s[k] for s in samples] for k in samples[0]} if samples else {}, "test_reasoning_samples.json")
-        mlflow.log_artifact(str(report_file))
+    client = MlflowClient(tracking_uri=configure(root))
+    names = {"valid": "best_valid_", "test": "test_"}
+    now = int(time.time() * 1000)
+    logged = {k: v for split, m in results.items() for k, v in metric_names(m, names.get(split, f"{split}_")).items()}
+    if seconds is not None:
+        logged["evaluate_seconds"] = round(seconds, 1)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in logged.items()])
+    client.log_table(run_id, {k: [s[k] for s in samples] for k in samples[0]} if samples else {},
+                     "test_reasoning_samples.json")
+    client.log_artifact(run_id, str(report_file))
 
 
 def finished_runs_by_method(
@@ -320,10 +333,13 @@ class RunPerModel:
         log_metrics({"loss": loss}, step=epoch)
         log_metrics(valid, step=epoch, prefix="valid_")
 
-    def finish(self, test: dict[str, float], checkpoint: Path) -> None:
+    def finish(self, test: dict[str, float], checkpoint: Path, best_valid: dict[str, float] | None = None) -> None:
+        """The kept (best-epoch) model's figures under names of their own: `test_<metric>`
+        and `best_valid_<metric>` (`valid_<metric>` is the per-epoch curve)."""
         import mlflow
 
         log_metrics(test, prefix="test_")
+        log_metrics(best_valid or {}, prefix="best_valid_")
         mlflow.log_artifact(str(checkpoint), artifact_path="model")
         mlflow.end_run()
         self._active = False

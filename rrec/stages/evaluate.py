@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ def read_ranks(path: Path) -> dict[str, dict[int, int]]:
 
 def evaluate_stage(params: Params, paths: Paths, method: str, *, register: bool = True) -> dict[str, Any]:
     tracking.require_reachable(paths.root)  # before any work: results are logged at the end
+    started = time.monotonic()
     results, samples, summary, ranks = evaluate_trained(params, paths, method)
+    seconds = time.monotonic() - started
     methods: dict[str, dict[str, dict[str, float]]] = {summary["method"]: results}
     methods.update(run_references(params, paths))
     report = {"category": params.data.category, "policy": summary["method"], "methods": methods}
@@ -70,7 +73,7 @@ def evaluate_stage(params: Params, paths: Paths, method: str, *, register: bool 
     # own in the baselines stage
     run_id = summary.get("mlflow_run_id")
     if run_id:
-        tracking.log_evaluation(run_id, results, samples, out / "metrics.json", paths.root)
+        tracking.log_evaluation(run_id, results, samples, out / "metrics.json", paths.root, seconds=seconds)
         if register:
             report["registered"] = registry.register_and_promote(
                 run_id, params.data.category, root=paths.root,
