@@ -106,3 +106,25 @@ def test_removed_items_are_named_in_the_note() -> None:
     (rec,) = recommend_module.Recommender.rank(ranker, torch.randn(1, 8), [[]], [[0]], [3])
     assert [i.item_id for i in rec.items] == [3]
     assert "1 of the 3 items asked for" in rec.note and "removed items (2) leave 1" in rec.note
+
+
+def test_adding_a_removed_item_again_says_it_is_recommendable_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rrec.serve import catalogue_updates
+
+    ranker = _ranker(4, removed=["P1"])
+    set_rows: list[list[int]] = []
+    rec = types.SimpleNamespace(params=_params(), catalogue=ranker.catalogue,
+                                set_rows=lambda ids, rows: set_rows.append(ids))
+    monkeypatch.setattr(catalogue_updates, "encode_item_rows", lambda r, rows: torch.zeros(len(rows), 8))
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("\n".join(json.dumps({"parent_asin": a, "title": f"The Game {a}", "price": 9.5})
+                              for a in ("P1", "P2")) + "\n")
+    update = add_items_from_file(rec, meta)  # type: ignore[arg-type]
+    assert update.replaced == [1, 2] and update.restored == [1]
+    assert rec.catalogue.n_removed == 0
+    out = update.as_dict()
+    assert out["restored"] == [1]
+    assert out["warning"] == ("items [1] had been removed; adding them again made them recommendable "
+                              "again (remove them again with `rrec catalogue remove --asin`)")

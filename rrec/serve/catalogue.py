@@ -6,8 +6,10 @@ item_id i) plus a `removed` flag. Item ids are stable for the life of a model:
 
 - a new `parent_asin` gets the next id, its row is appended to the item table;
 - a known `parent_asin` keeps its id, its catalogue row and table row are replaced (a
-  removed item that comes back this way is available again);
-- a removed item keeps its id and its row; it is only masked, so it is never recommended.
+  removed item that comes back this way is available again, and the update lists it
+  under `restored`);
+- a removed item keeps its id and its row; it is only masked, so it is not recommended
+  unless it is added again.
 """
 
 from __future__ import annotations

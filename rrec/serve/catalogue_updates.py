@@ -25,7 +25,8 @@ from rrec.serve.recommend import Recommender
 
 @dataclass
 class CatalogueUpdate:
-    """What an update did: ids added (new parent_asin), replaced, removed; metadata lines
+    """What an update did: ids added (new parent_asin), replaced, removed, and restored
+    (replaced items that had been removed: they can be recommended again); metadata lines
     read and dropped (per reason, the window stage's reasons); kept items whose typed
     field had the wrong type and was read as missing (per field)."""
 
@@ -33,13 +34,21 @@ class CatalogueUpdate:
     added: list[int] = field(default_factory=list)
     replaced: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
+    restored: list[int] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     wrong_type: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"lines": self.lines, "added": self.added, "replaced": self.replaced, "removed": self.removed,
-                "dropped": {k: v for k, v in self.dropped.items() if v},
-                "wrong_type": {k: v for k, v in self.wrong_type.items() if v}}
+        out = {"lines": self.lines, "added": self.added, "replaced": self.replaced, "removed": self.removed,
+               "restored": self.restored,
+               "dropped": {k: v for k, v in self.dropped.items() if v},
+               "wrong_type": {k: v for k, v in self.wrong_type.items() if v}}
+        if self.restored:
+            out["warning"] = (
+                f"items {self.restored} had been removed; adding them again made them "
+                "recommendable again (remove them again with `rrec catalogue remove --asin`)"
+            )
+        return out
 
 
 @torch.no_grad()
@@ -83,11 +92,13 @@ def add_items_from_file(recommender: Recommender, path: Path) -> CatalogueUpdate
     if not rows:
         return update
     table_rows = encode_item_rows(recommender, rows)
+    removed_before = recommender.catalogue.removed_mask()
     ids, new = recommender.catalogue.upsert(rows)
     new_set = set(new)
     recommender.set_rows(ids, table_rows)
     update.added = [i for i in ids if i in new_set]
     update.replaced = [i for i in ids if i not in new_set]
+    update.restored = sorted({i for i in update.replaced if removed_before[i]})
     return update
 
 
