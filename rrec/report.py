@@ -7,6 +7,7 @@ and data version is taken, so the table always compares runs on the same data.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,30 @@ from rrec.tracking import data_version, finished_runs_by_method
 
 # Display order: reference rows, classic baselines, then the LLM methods.
 METHOD_ORDER = ["random", "popularity", "gru4rec", "caser", "sasrec", "contrastive", "recpo"]
+# `dvc metrics show` prints a row per file: one small file a method, a few columns each
+METRICS_DIR = Path("reports") / "metrics"
+HEADLINE_TEST = ("ndcg@5", "ndcg@10", "ndcg@20", "hit@10", "n")
+HEADLINE_VALID = ("ndcg@10",)
+# test NDCG@K, a column per method of METHOD_ORDER (empty when it has no run): dvc plots
+BY_K_CSV = "ndcg_by_k.csv"
+
+
+def headline(test: dict[str, float], best_valid: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The few figures of a method that `dvc metrics show` prints (the rest is in
+    reports/comparison.md and MLflow)."""
+    return {
+        "test": {k: round(test[k], 4) if k != "n" else int(test[k]) for k in HEADLINE_TEST if k in test},
+        "best_valid": {k: round(best_valid[k], 4) for k in HEADLINE_VALID if k in best_valid},
+    }
+
+
+def write_headline(root: Path, method: str, test: dict[str, float], best_valid: dict[str, float],
+                   folder: str | None = None) -> Path:
+    out = root / METRICS_DIR / (folder or "") / f"{method}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(headline(test, best_valid), indent=2) + "\n")
+    return out
 
 
 def comparison_rows(params: Params, root: Path | None = None) -> list[dict[str, Any]]:
@@ -53,6 +78,17 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_by_k(rows: list[dict[str, Any]], ks: list[int], path: Path) -> None:
+    """Test NDCG@K: a row per K, a column per method of METHOD_ORDER (then any other)."""
+    by_method = {r["method"]: r for r in rows}
+    methods = METHOD_ORDER + [m for m in by_method if m not in METHOD_ORDER]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["k", *methods])
+        for k in ks:
+            w.writerow([k, *("" if (v := by_method.get(m, {}).get(f"ndcg@{k}")) is None else v for m in methods)])
+
+
 def run_report(params: Params, paths: Paths) -> dict[str, Any]:
     rows = comparison_rows(params, paths.root)
     if not rows:
@@ -61,6 +97,8 @@ def run_report(params: Params, paths: Paths) -> dict[str, Any]:
             f"{params.data.category!r}; run the evaluate and baselines stages first"
         )
     paths.reports.mkdir(parents=True, exist_ok=True)
+    with atomic_path(paths.reports / BY_K_CSV) as tmp:
+        write_by_k(rows, params.evaluate.ks, tmp)
     md, csv_path = paths.reports / "comparison.md", paths.reports / "comparison.csv"
     title = f"Test metrics, {params.data.category} (data version {data_version(paths.root)})"
     # Both are written in full before either replaces its old version; the Markdown is

@@ -61,12 +61,14 @@ def test_top_level_plots_draw_columns_a_stage_writes() -> None:
     declared = {
         next(iter(p)) if isinstance(p, dict) else p
         for stage in spec["stages"].values()
-        for p in stage.get("do", stage).get("plots", [])
+        for kind in ("outs", "plots")
+        for p in stage.get("do", stage).get(kind, [])
     }
-    declared = {d.replace("${key}", "recpo").replace("${item}", "recpo") for d in declared}
+    declared = {d.replace("${key}", m).replace("${item}", m) for d in declared for m in ("contrastive", "recpo")}
     for plot in spec["plots"]:
         (name, body), = plot.items()
         for file, columns in body["y"].items():
+            columns = [columns] if isinstance(columns, str) else columns
             assert file in declared, f"plot {name} reads {file}, which no stage writes"
             header = (REPO / file).read_text().splitlines()[0].split(",")
             assert body["x"] in header and set(columns) <= set(header), (name, header)

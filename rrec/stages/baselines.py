@@ -1,6 +1,7 @@
 """`python -m rrec.stages.baselines` (DVC stage `baselines`): SASRec, GRU4Rec and Caser,
 plus the popularity and random reference rows, each as one MLflow run; their test
-metrics in one JSON for DVC (`reports/eval/baselines.json`)."""
+metrics in one JSON (`reports/eval/baselines.json`) and, for `dvc metrics show`, a few
+figures a model (`reports/metrics/baselines/<model>.json`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rrec.baselines.reference import run_references
 from rrec.baselines.train import run_baselines
 from rrec.config import Params
 from rrec.paths import Paths
+from rrec.report import write_headline
 from rrec.stages import run
 
 
@@ -35,6 +37,8 @@ def run_baselines_stage(params: Params, paths: Paths) -> dict[str, Any]:
             tracking.log_metrics(by_split["valid"], prefix="best_valid_")  # the column the trained share
         report[name] = {"test": by_split["test"], "best_valid": by_split["valid"]}
     write_text(paths.baselines_report, json.dumps(report, indent=2) + "\n")
+    for name, r in report.items():
+        write_headline(paths.root, name, r["test"], r["best_valid"], folder="baselines")
     return report
 
 

@@ -1,6 +1,7 @@
 """`python -m rrec.stages.evaluate --method M` (DVC stage `evaluate@M`): the trained
 policy on the valid and test splits beside the popularity and random references;
-metrics JSON, a per-K CSV and every example's target rank (`ranks.csv`, for paired
+metrics JSON, a per-K CSV, the few figures `dvc metrics show` prints
+(`reports/metrics/<method>.json`) and every example's target rank (`ranks.csv`, for paired
 comparisons of runs) for DVC (`reports/eval/<method>/`), the policy's metrics
 and test reasoning samples in its MLflow training run, and its model registered as a
 version of `rrec-<category>` (promoted to `champion` only if it beats the champion)."""
@@ -21,6 +22,7 @@ from rrec.baselines.reference import run_references
 from rrec.config import Params
 from rrec.evaluate import evaluate_trained
 from rrec.paths import Paths
+from rrec.report import write_headline
 from rrec.stages import run
 
 RANKS_CSV = "ranks.csv"
@@ -68,6 +70,7 @@ def evaluate_stage(params: Params, paths: Paths, method: str, *, register: bool 
     out = paths.eval_report(method)
     write_reports(out, report, params.evaluate.ks)
     write_ranks(out / RANKS_CSV, ranks)
+    write_headline(paths.root, method, results["test"], results["valid"])
 
     # the policy's metrics go into its training run; the reference rows get runs of their
     # own in the baselines stage
