@@ -597,6 +597,54 @@ def test_timestamps_in_seconds_are_refused(tmp_path: Path) -> None:
         run_window(make_params(), paths)
 
 
+@pytest.mark.parametrize("fmt", ["rating_only", "reviews"])
+def test_timestamps_partly_in_seconds_are_counted_as_bad_data(tmp_path: Path, fmt: str) -> None:
+    t = ms(2023, 1, 1)
+    in_ms = [(f"u{i % 3}", f"A{i}", 4.0, t + i * DAY) for i in range(7)]
+    in_s = [(f"u{i % 3}", f"A{i}", 4.0, (t + i * DAY) // 1000) for i in range(7, 10)]
+    paths = Paths(tmp_path)
+    write_gz(paths.meta_file(CAT), [meta(f"A{i}") for i in range(10)])
+    if fmt == "rating_only":
+        write_gz(paths.rating_only_file(CAT), csv_lines(in_ms + in_s))
+    else:
+        write_gz(paths.reviews_file(CAT), review_lines(in_ms + in_s))
+    with pytest.warns(RuntimeWarning, match=r"30.0% .* bad_timestamp 3"):
+        stats = run_window(make_params(fmt), paths)
+    assert stats["drops"]["bad_timestamp"] == 3 and stats["drops"]["outside_window"] == 0
+    assert stats["dropped_share"] == pytest.approx(0.3)
+    assert stats["interactions"] == 7
+
+
+def test_a_share_of_seconds_above_the_limit_says_to_convert(tmp_path: Path) -> None:
+    t = ms(2023, 1, 1)
+    rows = [("u", "A1", 1.0, t), *((f"u{i}", "A1", 1.0, t // 1000) for i in range(3))]
+    paths = setup(tmp_path, rows)
+    with pytest.raises(WindowError) as info:
+        run_window(make_params(), paths)
+    msg = str(info.value)
+    assert "3 of 4 interaction lines (75.0%)" in msg and "bad_timestamp 3" in msg
+    assert "convert those lines (timestamp * 1000)" in msg and "no_metadata:" not in msg
+
+
+def test_boolean_ratings_are_bad_ratings(tmp_path: Path) -> None:
+    t = ms(2023, 1, 1)
+    good = [("u1", "R1", 4.0, t), ("u1", "R2", 5.0, t + DAY), ("u2", "R1", 3.0, t + DAY),
+            ("u2", "R2", 2.0, t + 2 * DAY)]
+    lines = review_lines(good)
+    rec = json.loads(lines[0])
+    for i, flag in enumerate((True, False)):
+        lines.append(json.dumps({**rec, "rating": flag, "user_id": "u3", "parent_asin": f"R{i + 1}",
+                                 "timestamp": t + 3 * DAY}))
+    lines.append(json.dumps({**rec, "rating": "4.0", "user_id": "u3", "parent_asin": "R2",
+                             "timestamp": t + 4 * DAY}))  # a number in a string still counts
+    paths = Paths(tmp_path)
+    write_gz(paths.meta_file(CAT), [meta("R1"), meta("R2")])
+    write_gz(paths.reviews_file(CAT), lines)
+    stats = run_window(make_params("reviews"), paths)
+    assert stats["drops"]["bad_rating"] == 2
+    assert stats["interactions"] == 5 and sum(stats["malformed"].values()) == 0
+
+
 @pytest.mark.parametrize("which", ["meta", "interactions"])
 def test_an_empty_file_names_the_file(tmp_path: Path, which: str) -> None:
     paths = setup(tmp_path, [("u", "A1", 1.0, ms(2023, 1, 1)), ("u", "A2", 1.0, ms(2023, 1, 2))])

@@ -9,7 +9,9 @@ their way into Parquet. The steps, in order, with the counter each one feeds:
    timestamps in ms) or the reviews JSONL, by `data.interactions`. A line is
    `malformed` when it cannot be read as a record or lacks a non-empty user_id or
    parent_asin, a finite rating or an integer timestamp. A well-formed line whose
-   rating is outside 1..5 is dropped (`bad_rating`). Metadata JSONL: `malformed`
+   rating is outside 1..5 or a JSON boolean is dropped (`bad_rating`), then one whose
+   timestamp is before 1973 in milliseconds (seconds, not milliseconds) is dropped
+   (`bad_timestamp`). Metadata JSONL: `malformed`
    when the line is not a JSON object with a non-empty parent_asin. Blank lines are
    neither counted nor malformed. A file whose malformed share exceeds
    `max_malformed_share` stops the stage with an error naming the file. `lines` counts
@@ -46,8 +48,8 @@ users; the paper's "interactions" column equals this number), the window, the mo
 rolled back, `drops` {reason: count}, `malformed` and `lines` {file name: count},
 `wrong_type` {metadata field: items written whose field had the wrong type and was read
 as missing (`rrec.data.clean.TYPED_FIELDS`)},
-`dropped_share` (interaction lines lost to bad data: malformed, bad_rating, no_metadata,
-over all interaction lines) and the `max_dropped_share` it was checked against.
+`dropped_share` (interaction lines lost to bad data: malformed, bad_rating, bad_timestamp,
+no_metadata, over all interaction lines) and the `max_dropped_share` it was checked against.
 
 The drop table (every reason, count and share of its file's lines) is printed at the end.
 A `dropped_share` above 0.2 warns; above `data.window.max_dropped_share` the stage stops
@@ -93,6 +95,7 @@ from rrec.paths import SPLITS, Paths
 CSV_HEADER = "user_id,parent_asin,rating,timestamp"
 INTERACTION_REASONS: tuple[str, ...] = (
     "bad_rating",
+    "bad_timestamp",
     "no_metadata",
     "outside_window",
     "duplicate_interactions",
@@ -103,6 +106,8 @@ DROP_REASONS: tuple[str, ...] = clean.ITEM_REASONS + INTERACTION_REASONS
 _INTERACTION_COLUMNS = (
     "{'user_id': 'VARCHAR', 'parent_asin': 'VARCHAR', 'rating': 'DOUBLE', 'timestamp': 'BIGINT'}"
 )
+# JSON reads the rating as JSON so that a boolean (which DOUBLE reads as 1 or 0) is seen.
+_REVIEW_COLUMNS = _INTERACTION_COLUMNS.replace("'rating': 'DOUBLE'", "'rating': 'JSON'")
 # Only the fields the later stages use; JSON but for the id, so that a field of the wrong
 # type is seen (and counted) instead of being read as NULL (`rrec.data.clean`).
 _META_COLUMNS = (
@@ -115,17 +120,17 @@ _INTERACTION_WELL_FORMED = (
     "AND rating IS NOT NULL AND isfinite(rating) AND ts IS NOT NULL)"
 )
 # Amazon ratings are 1 to 5 stars; a well-formed line with any other rating is dropped.
-_RATING_IN_RANGE = "(rating >= 1 AND rating <= 5)"
+_RATING_IN_RANGE = "(rating >= 1 AND rating <= 5 AND NOT rating_bool)"
 
 
 # Interaction lines lost to bad data, as opposed to the protocol's own cuts
 # (outside_window, duplicate_interactions, kcore); their share of the interaction lines
 # is checked against `data.window.max_dropped_share` and warned about above this.
-BAD_DATA_REASONS: tuple[str, ...] = ("malformed", "bad_rating", "no_metadata")
+BAD_DATA_REASONS: tuple[str, ...] = ("malformed", "bad_rating", "bad_timestamp", "no_metadata")
 WARN_DROPPED_SHARE = 0.2
 
-# Every Amazon review is later than this many milliseconds (1973-03-03); a file whose
-# timestamps are all below it holds seconds.
+# Every Amazon review is later than this many milliseconds (1973-03-03); a timestamp
+# below it is in seconds (`bad_timestamp`).
 _SECONDS_NOT_MS = 100_000_000_000
 
 
@@ -208,6 +213,19 @@ def _drop_stats(
     }
 
 
+_BAD_DATA_ADVICE = {
+    "malformed": "malformed: lines that are not a record with a user_id, a parent_asin, a "
+                 "number for the rating and an integer timestamp.",
+    "bad_rating": "bad_rating: a rating outside 1..5, or true/false instead of a number.",
+    "bad_timestamp": f"bad_timestamp: the timestamps look like seconds (before "
+                     f"{_utc_date(_SECONDS_NOT_MS)} read as milliseconds), and the Amazon "
+                     f"Reviews 2023 files use milliseconds: convert those lines (timestamp * 1000).",
+    "no_metadata": "no_metadata: the item has no valid metadata line; check that both files are "
+                   "of the same data.category and complete, and the drop table above for why "
+                   "items were dropped.",
+}
+
+
 def _check_dropped(
     stats: dict[str, Any], inter_path: Path, meta_name: str, limit: float, *, final: bool
 ) -> None:
@@ -218,17 +236,16 @@ def _check_dropped(
         return
     print(drop_table(stats, inter_path.name, meta_name), flush=True)
     lost = {r: stats["malformed"][inter_path.name] if r == "malformed" else stats["drops"][r]
-            for r in BAD_DATA_REASONS}
+            for r in BAD_DATA_REASONS if r == "malformed" or r in stats["drops"]}
     what = ", ".join(f"{r} {n:,}" for r, n in lost.items())
     lines = stats["lines"][inter_path.name]
     if share > limit:
+        why = " ".join(_BAD_DATA_ADVICE[r] for r, n in lost.items() if n)
         raise WindowError(
             f"{inter_path}: {sum(lost.values()):,} of {lines:,} interaction lines ({share:.1%}) "
             f"were dropped as bad data ({what}), above data.window.max_dropped_share={limit:g}. "
-            f"no_metadata means the item has no valid metadata line: check that both files are "
-            f"of the same data.category and complete (download them again), and the drop table "
-            f"above for why items were dropped; if the data really is like this, raise "
-            f"data.window.max_dropped_share in params.yaml to accept it"
+            f"{why} If the data really is like this, raise data.window.max_dropped_share in "
+            f"params.yaml to accept it"
         )
     if share > WARN_DROPPED_SHARE:
         warnings.warn(
@@ -282,7 +299,8 @@ def _read_interactions(
 ) -> tuple[int, int, int]:
     """Create `inter_raw(user_id, parent_asin, rating, ts, ok)` and the per-item summary
     `item_span(parent_asin, n, first_ts, last_ts)` (last_ts: the latest before `end_excl`);
-    return (lines, malformed, well-formed lines with a rating outside 1..5)."""
+    return (lines, malformed, well-formed lines with a bad rating, then with a timestamp in
+    seconds)."""
     if fmt == "rating_only":
         _check_csv_header(path)
         source = (
@@ -290,21 +308,27 @@ def _read_interactions(
             f"escape='\"', columns={_INTERACTION_COLUMNS}, ignore_errors=true, "
             f"store_rejects=true, rejects_table='rrec_rejects', rejects_scan='rrec_rejects_scan')"
         )
+        rating = "rating, false AS rating_bool"
     else:
         source = (
             f"read_json({_q(path)}, format='newline_delimited', ignore_errors=true, "
-            f"columns={_INTERACTION_COLUMNS})"
+            f"columns={_REVIEW_COLUMNS})"
         )
+        rating = ("try_cast(rating AS DOUBLE) AS rating, "
+                  "coalesce(json_type(rating) = 'BOOLEAN', false) AS rating_bool")
+    in_ms = f"ts >= {_SECONDS_NOT_MS}"
     con.execute(
-        "CREATE OR REPLACE TABLE inter_raw AS SELECT * EXCLUDE (well_formed), "
-        f"well_formed AND {_RATING_IN_RANGE} AS ok, well_formed AND NOT {_RATING_IN_RANGE} "
-        f"AS bad_rating FROM (SELECT *, {_INTERACTION_WELL_FORMED} AS well_formed FROM ("
+        "CREATE OR REPLACE TABLE inter_raw AS SELECT * EXCLUDE (well_formed, rating_bool), "
+        f"well_formed AND {_RATING_IN_RANGE} AND {in_ms} AS ok, "
+        f"well_formed AND NOT {_RATING_IN_RANGE} AS bad_rating, "
+        f"well_formed AND {_RATING_IN_RANGE} AND NOT {in_ms} AS bad_timestamp "
+        f"FROM (SELECT *, {_INTERACTION_WELL_FORMED} AS well_formed FROM ("
         f"SELECT rrec_strip_nul(user_id) AS user_id, rrec_strip_nul(parent_asin) AS "
-        f"parent_asin, rating, \"timestamp\" AS ts FROM {source}))"
+        f"parent_asin, {rating}, \"timestamp\" AS ts FROM {source}))"
     )
-    rows, bad, bad_rating = con.execute(
-        "SELECT count(*), coalesce(count_if(NOT ok AND NOT bad_rating), 0), "
-        "coalesce(count_if(bad_rating), 0) FROM inter_raw"
+    rows, bad, bad_rating, bad_timestamp = con.execute(
+        "SELECT count(*), coalesce(count_if(NOT ok AND NOT bad_rating AND NOT bad_timestamp), 0), "
+        "coalesce(count_if(bad_rating), 0), coalesce(count_if(bad_timestamp), 0) FROM inter_raw"
     ).fetchall()[0]
     rejected = 0
     if fmt == "rating_only":
@@ -316,7 +340,7 @@ def _read_interactions(
         f"min(ts) AS first_ts, max(ts) AS max_ts, max(ts) FILTER (WHERE ts < {end_excl}) AS last_ts "
         "FROM inter_raw WHERE ok GROUP BY parent_asin"
     )
-    return rows + rejected, bad + rejected, bad_rating
+    return rows + rejected, bad + rejected, bad_rating, bad_timestamp
 
 
 def _read_meta(con: duckdb.DuckDBPyConnection, path: Path, max_title_words: int) -> tuple[int, int]:
@@ -427,16 +451,17 @@ def _read_both(
     meta_path: Path,
     end_excl: int,
     max_title_words: int,
-) -> tuple[dict[Path, tuple[int, int]], int]:
+) -> tuple[dict[Path, tuple[int, int]], dict[str, int]]:
     """Both files at once: DuckDB decompresses one gzip stream per thread. Returns
-    {file: (lines, malformed)} and the number of interactions with a bad rating."""
+    {file: (lines, malformed)} and the interaction lines dropped as `bad_rating` and
+    `bad_timestamp`."""
     jobs: dict[Path, Callable[[duckdb.DuckDBPyConnection], tuple[int, ...]]] = {
         inter_path: lambda c: _read_interactions(c, inter_path, fmt, end_excl),
         meta_path: lambda c: _read_meta(c, meta_path, max_title_words),
     }
     cursors = {p: con.cursor() for p in jobs}
     out: dict[Path, tuple[int, int]] = {}
-    bad_rating = 0
+    bad: dict[str, int] = {}
     try:
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool, _ReadProgress(cursors) as bars:
             futures = {p: pool.submit(job, cursors[p]) for p, job in jobs.items()}
@@ -444,7 +469,8 @@ def _read_both(
                 try:
                     lines, malformed, *extra = future.result()
                     out[p] = (lines, malformed)
-                    bad_rating += sum(extra)
+                    if extra:
+                        bad = dict(zip(("bad_rating", "bad_timestamp"), map(int, extra), strict=True))
                 except duckdb.Error as err:
                     raise WindowError(
                         f"{p}: could not be read ({err}); if the file is damaged, download it again"
@@ -453,7 +479,7 @@ def _read_both(
     finally:
         for c in cursors.values():
             c.close()
-    return out, bad_rating
+    return out, bad
 
 
 # ------------------------------------------------------------------------- steps
@@ -491,12 +517,6 @@ def _choose_window(
         "min(first_ts) FILTER (WHERE v.parent_asin IS NOT NULL), min(first_ts), max(s.max_ts) "
         "FROM item_span s LEFT JOIN meta_valid v USING (parent_asin)"
     ).fetchall()[0]
-    if t_max is not None and t_max < _SECONDS_NOT_MS:
-        raise WindowError(
-            f"{inter_path}: the latest timestamp is {t_max}, which in milliseconds is "
-            f"{_utc_date(t_max)}; the timestamps look like seconds, and the Amazon Reviews "
-            f"2023 files use milliseconds: convert the file (timestamp * 1000)"
-        )
     (last,) = con.execute(
         "SELECT coalesce(list(s.last_ts ORDER BY s.last_ts), []) "
         "FROM item_span s JOIN meta_valid v USING (parent_asin) WHERE s.last_ts IS NOT NULL"
@@ -730,7 +750,7 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
             clean.register(con)
             end_excl = _ms(w.end + dt.timedelta(days=1))
             with phase("read interactions and metadata, check items"):
-                counts, n_bad_rating = _read_both(
+                counts, bad_lines = _read_both(
                     con, inter_path, fmt, meta_path, end_excl, w.max_title_words
                 )
             for p, (lines, malformed) in counts.items():
@@ -738,7 +758,9 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
 
             with phase("drop duplicate metadata"):
                 drops = _clean_items(con)
-            drops["bad_rating"] = n_bad_rating
+            drops.update(bad_lines)
+            _check_dropped(_drop_stats(drops, counts, inter_path, w.max_dropped_share), inter_path,
+                           meta_path.name, w.max_dropped_share, final=False)
             with phase("choose the window"):
                 start, rolled, n_valid, n_no_meta, reached = _choose_window(con, w, inter_path)
             drops["no_metadata"] = n_no_meta
