@@ -56,6 +56,29 @@ def remove_temporaries(directory: Path | str) -> None:
         _remove(stale)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temporaries(directory: Path | str) -> list[Path]:
+    """Remove the temporaries in `directory` whose writer process is gone (killed); those
+    of running writers stay. Returns what was removed."""
+    removed = []
+    for stale in sorted(Path(directory).glob(f".*{_TMP_INFIX}*")):
+        pid = stale.name.rsplit(_TMP_INFIX, 1)[1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            _remove(stale)
+            removed.append(stale)
+    return removed
+
+
 def write_text(path: Path | str, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically; returns the path."""
     with atomic_path(path) as tmp:

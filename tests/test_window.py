@@ -554,6 +554,30 @@ def test_split_boundaries_ids_and_schemas(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / ".duckdb_tmp").exists()
 
 
+def test_a_run_removes_what_killed_runs_left(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = os.getppid()
+    t = ms(2023, 1, 1)
+    paths = setup(tmp_path, [("u", "A1", 4.0, t), ("u", "A2", 4.0, t + DAY)])
+    data = tmp_path / "data"
+    left = [data / f".processed.tmp-{dead.pid}" / "train.parquet",
+            data / ".duckdb_tmp" / f"window-{dead.pid}-0123abcd" / "spill.tmp"]
+    running = [data / f".processed.tmp-{alive}" / "train.parquet",
+               data / ".duckdb_tmp" / f"window-{alive}-4567cdef" / "spill.tmp"]
+    for f in left + running:
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"x" * 100)
+    run_window(make_params(), paths)
+    assert not any(f.parent.exists() for f in left)
+    assert all(f.exists() for f in running)
+    assert f"removed what killed runs left: {left[0].parent}, {left[1].parent}" in capsys.readouterr().out
+
+
 def test_reviews_jsonl_gives_the_same_examples_as_the_csv(tmp_path: Path) -> None:
     rows = _random_rows(30, seed=2)
     csv_paths = setup(tmp_path / "csv", rows)

@@ -56,7 +56,8 @@ A `dropped_share` above 0.2 warns; above `data.window.max_dropped_share` the sta
 (right after step 4, before the expensive steps) with an error that says how to fix it.
 
 Outputs (`rrec.data.schema`): `data/processed/{items,train,valid,test}.parquet` and
-`reports/window_stats.json`. A run first deletes the previous outputs, writes the new
+`reports/window_stats.json`. A run first deletes the previous outputs (and the hidden
+folders and DuckDB spill files that killed runs left), writes the new
 ones into a hidden folder under `data/`, then renames the folder into place and writes
 the stats last, so a failed run leaves nothing that looks finished.
 """
@@ -86,7 +87,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from rrec.atomic import atomic_path, write_text
+from rrec.atomic import atomic_path, process_alive, remove_dead_temporaries, write_text
 from rrec.config import Params, WindowParams
 from rrec.data import clean
 from rrec.data.schema import EXAMPLES, ITEMS
@@ -706,6 +707,20 @@ def _remove_outputs(paths: Paths) -> None:
         f.unlink(missing_ok=True)
 
 
+def _remove_dead_runs(data_dir: Path, spill_root: Path) -> None:
+    """What killed window runs left: their half-written `data/.processed.tmp-<pid>` and
+    DuckDB spill folders `data/.duckdb_tmp/window-<pid>-*` (runs still alive keep theirs)."""
+    stale = remove_dead_temporaries(data_dir) if data_dir.is_dir() else []
+    if spill_root.is_dir():
+        for d in sorted(spill_root.glob("window-*")):
+            pid = d.name.split("-")[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+                stale.append(d)
+    if stale:
+        print(f"[window] removed what killed runs left: {', '.join(str(p) for p in stale)}", flush=True)
+
+
 # -------------------------------------------------------------------------- stage
 
 
@@ -728,6 +743,7 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
     data_dir = paths.root / "data"
     run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     spill_root = data_dir / ".duckdb_tmp"
+    _remove_dead_runs(data_dir, spill_root)
     spill = spill_root / f"window-{run_id}"
     phase = _Phases()
     con: duckdb.DuckDBPyConnection | None = None
