@@ -15,6 +15,7 @@ updated model as a new version of `rrec-<category>` and moves ALIAS to it, so th
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -116,6 +117,9 @@ def recommend(
     if not requests:
         raise _fail("give at least one --history or an --input file")
     p, paths = _project(params, root)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per weights file otherwise
     try:
         rec = Recommender.from_dir(p, paths, method)
     except (FileNotFoundError, RuntimeError) as err:
@@ -133,13 +137,28 @@ def recommend(
         if as_json:
             typer.echo(json.dumps({"request": i, **res.as_dict()}))
             continue
-        typer.echo(f"== request {i}: history {req['history']}")
-        if rec.reasoning:
-            typer.echo(f"reasoning ({res.reasoning_tokens} tokens): {res.reasoning.strip()}")
-        for rank, item in enumerate(res.items, start=1):
-            typer.echo(f"{rank:3d}. [{item.item_id}] {item.title} ({item.parent_asin})  score {item.score:.3f}")
-        if res.note:
-            typer.echo(f"note: {res.note}")
+        shown = rec.parse_history(req["history"], req.get("now", now) or int(time.time() * 1000))
+        history = [(j, rec.catalogue.parent_asin(j), rec.catalogue.title(j)) for j in shown.item_ids]
+        typer.echo(render_text(i, history, res, rec.reasoning))
+
+
+def render_text(
+    index: int, history: list[tuple[int, str, str]], res: Any, reasoning: bool,
+) -> str:
+    """One request as text: the history (id, parent_asin, title; oldest first), the
+    reasoning indented line by line, the ranked items and any note."""
+    lines = [f"== request {index}: history, oldest first"]
+    lines += [f"     [{item_id}] {title} ({asin})" for item_id, asin, title in history]
+    if reasoning:
+        text = res.reasoning.strip()
+        lines.append(f"reasoning ({res.reasoning_tokens} tokens):" + ("" if text else " (empty)"))
+        lines += [f"   | {line}" for line in text.splitlines()]
+    lines.append("recommended:")
+    for rank, item in enumerate(res.items, start=1):
+        lines.append(f"{rank:3d}. [{item.item_id}] {item.title} ({item.parent_asin})  score {item.score:.3f}")
+    if res.note:
+        lines.append(f"note: {res.note}")
+    return "\n".join(lines)
 
 
 PublishOpt = Annotated[

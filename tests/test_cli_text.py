@@ -1,0 +1,47 @@
+"""What `rrec recommend` prints as text: the history by title, the reasoning indented line
+by line (its newlines never break the layout), the ranked items, and no loading bars."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from rrec.cli import app, render_text
+from rrec.serve.recommend import Recommendation, RecommendedItem
+from tests.test_serve import NOW, store, trained  # noqa: F401  (fixtures)
+
+
+def test_reasoning_lines_stay_inside_the_layout() -> None:
+    res = Recommendation(
+        reasoning=".0.0)\n111\n", reasoning_tokens=8,
+        items=[RecommendedItem(5, "B05", "Zelda", 0.91), RecommendedItem(9, "B09", "Mario Kart", 0.5)],
+    )
+    text = render_text(0, [(12, "B12", "Hero's Tale"), (40, "B40", "Xbox One Édition Spéciale")], res, True)
+    lines = text.splitlines()
+    assert lines[0] == "== request 0: history, oldest first"
+    assert lines[1] == "     [12] Hero's Tale (B12)" and lines[2] == "     [40] Xbox One Édition Spéciale (B40)"
+    assert lines[3] == "reasoning (8 tokens):"
+    assert lines[4:6] == ["   | .0.0)", "   | 111"]
+    assert lines[6] == "recommended:"
+    assert lines[7].startswith("  1. [5] Zelda (B05)") and lines[8].startswith("  2. [9] Mario Kart (B09)")
+    assert len(lines) == 9
+
+
+def test_empty_reasoning_is_said() -> None:
+    res = Recommendation(reasoning="", reasoning_tokens=0, items=[])
+    assert "reasoning (0 tokens): (empty)" in render_text(1, [], res, True)
+    assert "reasoning" not in render_text(1, [], res, False)
+
+
+def test_cli_prints_titles_and_no_loading_bars(trained) -> None:  # noqa: F811
+    params, paths = trained
+    result = CliRunner().invoke(app, ["recommend", "--history", "0,1", "--k", "3", "--root", str(paths.root),
+                                      "--now", str(NOW)])
+    assert result.exit_code == 0, result.output
+    assert "Loading weights" not in result.output
+    from rrec.serve.catalogue import Catalogue
+    from rrec.serve.recommend import serving_files
+
+    _, catalogue_file = serving_files(paths, "recpo")
+    catalogue = Catalogue.read(catalogue_file)
+    for j in (0, 1):
+        assert f"[{j}] {catalogue.title(j)} ({catalogue.parent_asin(j)})" in result.output
