@@ -425,6 +425,42 @@ def load_params(
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    _refuse_bare_dates(raw, path)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     return parse_params(raw, str(path))
+
+
+def _bare_dates(node: Any, prefix: str = "") -> list[tuple[str, dt.date]]:
+    if isinstance(node, dict):
+        return [d for k, v in node.items() for d in _bare_dates(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [d for i, v in enumerate(node) for d in _bare_dates(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), node)] if isinstance(node, dt.date) else []
+
+
+def _refuse_bare_dates(raw: dict[str, Any], path: Path) -> None:
+    """DVC cannot read a date that YAML parsed as a date (`dvc repro` stops with "unexpected
+    error ... Unsupported value of type 'date'"), so every stage refuses it too."""
+    found = _bare_dates(raw)
+    if found:
+        fixes = ", ".join(f"{key.rsplit('.', 1)[-1]}: '{value.isoformat()}'" for key, value in found)
+        keys = ", ".join(key for key, _ in found)
+        raise ConfigError(
+            f"{path}: quote the date{'s' if len(found) > 1 else ''} ({fixes}): {keys} "
+            f"{'are' if len(found) > 1 else 'is'} written as a bare date, which DVC cannot read "
+            f"(dvc repro stops with \"unexpected error - Unsupported value of type 'date'\")"
+        )
+
+
+if __name__ == "__main__":
+    import sys
+
+    # `python -m rrec.config [params.yaml]`: the check DVC's own message does not give.
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_PARAMS)
+    try:
+        load_params(target)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{target}: valid")

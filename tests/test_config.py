@@ -116,3 +116,43 @@ def test_training_reruns_when_any_model_setting_but_the_inference_ones_changes()
     listed = {p.split(".", 1)[1] for p in stage["params"] if p.startswith("model.")}
     assert "model" not in stage["params"]
     assert listed == set(ModelParams.model_fields) - {"compile", "aot_single_requests"}
+
+
+def _bare_date_params(tmp_path: Path) -> Path:
+    text = (ROOT / "params.yaml").read_text()
+    assert text.count("end: '2023-06-30'") == 1
+    p = tmp_path / "params.yaml"
+    p.write_text(text.replace("end: '2023-06-30'", "end: 2023-06-30"))
+    return p
+
+
+def test_a_bare_date_is_refused_with_the_fix_first(tmp_path):
+    p = _bare_date_params(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_params(p)
+    assert str(info.value).startswith(f"{p}: quote the date (end: '2023-06-30'): data.window.end is")
+    assert "Unsupported value of type 'date'" in str(info.value)
+
+
+def test_the_params_check_names_what_dvc_would_fail_on(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    p = _bare_date_params(tmp_path)
+    check = subprocess.run([sys.executable, "-m", "rrec.config", str(p)], capture_output=True, text=True,
+                           timeout=120)
+    assert check.returncode == 2
+    assert check.stderr.splitlines()[0].startswith(f"error: {p}: quote the date (end: '2023-06-30')")
+    # what the message says of DVC: it cannot read the file
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: echo hi > out.txt\n    params: [data.window.end]\n    outs: [out.txt]\n")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True, timeout=120)
+    repro = subprocess.run([dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert repro.returncode != 0
+    assert "Unsupported value of type 'date'" in repro.stdout + repro.stderr
+    ok = subprocess.run([sys.executable, "-m", "rrec.config", str(ROOT / "params.yaml")],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("params.yaml: valid")
