@@ -56,6 +56,25 @@ def register_run_model(
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         return min(int(mv.version) for mv in existing)
+    version = _register(client, run_id, artifact_path, name, tags)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=MODEL_DESCRIPTION.format(category=category))
+    tags = tags or {}
+    client.update_model_version(name, str(version), description=(
+        f"{tags.get('rrec.method', 'model')} trained in run {run_id}"
+        + (f", window ending {tags['rrec.window_end']}" if "rrec.window_end" in tags else "")
+    ))
+    return version
+
+
+MODEL_DESCRIPTION = (
+    "rrec recommender for the {category} catalogue: predict takes records with `history` "
+    "(item ids, oldest first) and optional `k`; returns the top-k items with the reasoning. "
+    "`champion` serves; `challenger` is the newest trained version."
+)
+
+
+def _register(client: MlflowClient, run_id: str, artifact_path: str, name: str, tags: dict[str, str] | None) -> int:
     files = {Path(f.path).name for f in client.list_artifacts(run_id, artifact_path)}
     if not files or "MLmodel" in files:
         # MLflow 3 resolves runs:/ to the logged model of that name when the run's own

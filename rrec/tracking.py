@@ -160,14 +160,41 @@ def relocate_store(store: Path) -> list[Path]:
         con.close()
 
 
+# MLflow's UI opens an experiment in its GenAI view (traces) unless it is tagged as model
+# training; the note is the experiment's description there.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "rrec: LLM recommenders (R2ec, RecPO) and their baselines. One run a trained model "
+        "(tag rrec.method); best_valid_* and test_* are the kept model's figures, valid_* the "
+        "curves. Models: rrec-<category> with aliases champion and challenger."
+    ),
+}
+
+
+# a run's description in MLflow's UI
+RUN_NOTES = {
+    "train": (
+        "{name}: training (per-step loss and the valid_* curves at every evaluation, reasoning "
+        "samples under reasoning/), then its evaluation: best_valid_* and test_* are the kept "
+        "model's; the model is logged as `recommender`."
+    ),
+    "baselines": "{name}: baseline; loss and valid_* per epoch, best_valid_* and test_* of the best epoch.",
+}
+
+
 def ensure_experiment(name: str, root: Path | None = None) -> str:
+    """The experiment's id, created (or completed) with `EXPERIMENT_TAGS`."""
     import mlflow
 
     configure(root)
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_location(root))
+    if exp is None:
+        return mlflow.create_experiment(name, artifact_location=artifact_location(root), tags=EXPERIMENT_TAGS)
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in exp.tags:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def artifact_location(root: Path | None = None) -> str | None:
@@ -229,6 +256,7 @@ def start_run(
             yield run
         return
     all_tags = {
+        "mlflow.note.content": RUN_NOTES.get(stage, f"stage {stage}").format(name=run_name or stage),
         "rrec.stage": stage,
         "rrec.category": params.data.category,
         "rrec.data_version": data_version(root),
@@ -319,6 +347,7 @@ class RunPerModel:
             experiment_id=exp_id,
             run_name=name,
             tags={
+                "mlflow.note.content": RUN_NOTES["baselines"].format(name=name),
                 "rrec.stage": self.stage,
                 "rrec.method": name,
                 "rrec.category": self.params.data.category,

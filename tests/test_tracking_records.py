@@ -55,3 +55,31 @@ def test_a_baseline_run_shows_its_best_epoch(tmp_path: Path) -> None:
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert metrics["valid_ndcg_at_10"] == 0.07  # the last epoch: the curve's end
     assert metrics["best_valid_ndcg_at_10"] == 0.08 and metrics["test_ndcg_at_10"] == 0.075
+
+
+def test_the_experiment_opens_as_model_training_with_descriptions(tmp_path: Path) -> None:
+    client = MlflowClient(tracking_uri=tracking.configure(tmp_path))
+    old = client.create_experiment("rrec-old", artifact_location=(tmp_path / "a").as_uri())  # made before
+    assert tracking.ensure_experiment("rrec-old", tmp_path) == old
+    for exp_id in (old, tracking.ensure_experiment("rrec", tmp_path)):
+        tags = client.get_experiment(exp_id).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI view
+        assert "rrec.method" in tags["mlflow.note.content"]
+    with tracking.start_run(PARAMS, "train", run_name="recpo", root=tmp_path) as run:
+        pass
+    assert client.get_run(run.info.run_id).data.tags["mlflow.note.content"].startswith("recpo: training")
+
+
+def test_registered_models_and_versions_are_described(tmp_path: Path) -> None:
+    from rrec import registry
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with tracking.start_run(PARAMS, "train", run_name="recpo", root=tmp_path) as run:
+        mlflow.log_artifacts(str(tmp_path / "adapter"), artifact_path="model")
+    version = registry.register_run_model(run.info.run_id, "model", "Cat", tmp_path,
+                                          tags={"rrec.method": "recpo", "rrec.window_end": "2023-06-30"})
+    client = MlflowClient()
+    assert "history" in client.get_registered_model("rrec-Cat").description
+    described = client.get_model_version("rrec-Cat", str(version)).description
+    assert described == f"recpo trained in run {run.info.run_id}, window ending 2023-06-30"
