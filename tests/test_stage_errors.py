@@ -76,3 +76,26 @@ def test_model_stages_run_with_the_params_thread_count(tmp_path: Path) -> None:
         assert seen == [3, 1]  # a stage that does not compute with the model leaves torch alone
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_warning_is_one_line_without_the_internal_source_line(tmp_path: Path) -> None:
+    import gzip
+    import json
+
+    write_params(tmp_path, {"data.category": "Toy", "data.window.end": "2023-06-30",
+                            "data.window.min_items": 1})
+    paths = Paths(tmp_path)
+    paths.raw.mkdir(parents=True)
+    t = 1672574400000  # 2023-01-01 12:00 UTC in ms
+    rows = [f"u{i % 2},A{i % 3},4.0,{t + i * 86_400_000}" for i in range(10)]  # A2: no metadata
+    with gzip.open(paths.rating_only_file("Toy"), "wt") as fh:
+        fh.write("\n".join(["user_id,parent_asin,rating,timestamp", *rows]) + "\n")
+    with gzip.open(paths.meta_file("Toy"), "wt") as fh:
+        fh.write("\n".join(json.dumps({"parent_asin": a, "title": f"The Item {a}", "price": 5.0})
+                           for a in ("A0", "A1")) + "\n")
+    done = run_window(tmp_path)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "dropped as bad data" in line]
+    assert warned == [line for line in done.stderr.splitlines() if line.startswith("warning: window: 30.0%")]
+    assert len(warned) == 1, done.stderr
+    assert "__init__.py" not in done.stderr and "work(params" not in done.stderr

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ def failure_message(stage: str, err: BaseException) -> str:
     text names the file or setting and the fix)."""
     text = str(err).strip() or repr(err)
     return f"error: stage {stage} failed: {type(err).__name__}: {text}\n(set {DEBUG_ENV}=1 for the traceback)"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A warning as one `warning:` line with its text, not the internal line that raised it."""
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)
 
 
 def _release(err: BaseException) -> None:
@@ -82,7 +89,9 @@ def stage_main(
         torch.set_num_threads(params.threads)
     start = time.perf_counter()
     try:
-        work(params, paths, args.method) if with_method else work(params, paths)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            work(params, paths, args.method) if with_method else work(params, paths)
     except Exception as err:
         if debug:
             raise
