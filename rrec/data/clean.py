@@ -6,9 +6,9 @@ The rules, in the order they are applied to one metadata line:
    (counted per file by `rrec.data.window`, not as an item drop).
 2. `missing_title`: `title` is absent, null or not a JSON string.
 3. `span_title`: the HTML-unescaped title contains `<span id` (scraping debris).
-4. The title is cleaned: HTML-unescape, drop tags, remove every `"` and `'`, control
-   characters (newlines, tabs, ...) and non-ASCII characters to spaces, collapse runs of
-   spaces, strip.
+4. The title is cleaned as the authors clean it: HTML-unescape, drop tags, remove every
+   `"` and `'`, control characters (newlines, tabs, ...) and non-ASCII characters to
+   spaces, collapse runs of spaces, strip. This form decides rules 5 and 6 only.
 5. `short_title`: the cleaned title has at most one character.
 6. `long_title`: the title has more than `max_title_words` words, counted in the
    protocol's order: on the unescaped title without tags and quotes, *before* non-ASCII characters
@@ -21,12 +21,19 @@ The rules, in the order they are applied to one metadata line:
 8. `duplicate_meta`: a line that passes 2-7 but whose `parent_asin` already had an
    earlier (in file order) line that passed them; the first valid line wins.
 
+The title an item keeps (for prompts and serving) is the text of the unescaped title,
+tags dropped, with accents folded instead of lost: Unicode NFKD, combining marks dropped
+("Édition Spéciale" becomes "Edition Speciale", "™" "TM"), then what is still not
+printable ASCII to spaces, spaces collapsed; quotes stay ("Hero&#39;s" becomes "Hero's").
+Which items are kept is decided by the authors' form above, so the window is theirs.
+
 An item's other text fields (description[] and features[] joined with spaces,
 categories[] joined with " > ", store, main_category) go through the same text
 cleaning as the title minus the quote removal: HTML-unescape (Python's `html.unescape`,
 which knows every HTML5 named entity and numeric `&#NNN;` / `&#xHH;` references), drop
-tags (`<...>` starting with a letter, `/` or `!`, each replaced by a space), control and
-non-ASCII characters to spaces, collapse spaces, strip. List elements are cleaned one by
+tags (`<...>` starting with a letter, `/` or `!`, each replaced by a space), fold accents
+as in the title, control and remaining non-ASCII characters to spaces, collapse spaces,
+strip. List elements are cleaned one by
 one and empty ones dropped before joining. Unescaping comes first so that escaped markup
 (`&lt;br&gt;`) is dropped like real markup.
 
@@ -47,6 +54,7 @@ reach Python.
 from __future__ import annotations
 
 import html
+import unicodedata
 
 import duckdb
 
@@ -77,14 +85,22 @@ _NOT_PRINTABLE_ASCII = r"[^\x20-\x7E]"
 _WORD = r"[^\pZ\p{Cc}]+"
 
 
+def fold(text: str) -> str:
+    """Accents folded: NFKD, combining marks dropped ("é" -> "e", "ﬁ" -> "fi")."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
 def register(con: duckdb.DuckDBPyConnection) -> None:
     """Define `rrec_unescape` and the cleaning macros (`rrec_clean_text(s)`,
     `rrec_clean_title(s)`, `rrec_clean_list(list, sep)`, ...) on `con`."""
     # One Python call per string, NULL stays NULL; the guards keep strings without `&` out.
     con.create_function("rrec_unescape", html.unescape, ["VARCHAR"], "VARCHAR", side_effects=False)
+    con.create_function("rrec_fold", fold, ["VARCHAR"], "VARCHAR", side_effects=False)
     # The guards: most strings need no change, and a test that fails is one cheap scan.
     macros = {
         "rrec_unescape_if(s)": "CASE WHEN contains(s, '&') THEN rrec_unescape(s) ELSE s END",
+        # only strings with a non-ASCII character reach Python
+        "rrec_fold_if(s)": "CASE WHEN strlen(s) <> length(s) THEN rrec_fold(s) ELSE s END",
         "rrec_drop_tags(s)": (
             f"CASE WHEN contains(s, '<') THEN regexp_replace(s, '{_TAG}', ' ', 'g') ELSE s END"
         ),
@@ -127,7 +143,9 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
             "list_bool_and(list_transform(json_type(j, '$[*]'), "
             "lambda t: t IN ('VARCHAR', 'NULL')))), false)"
         ),
-        "rrec_clean_text(s)": "coalesce(rrec_squash(rrec_drop_tags(rrec_unescape_if(s))), '')",
+        "rrec_clean_text(s)": "coalesce(rrec_squash(rrec_fold_if(rrec_drop_tags(rrec_unescape_if(s)))), '')",
+        # The title an item keeps, of the unescaped title: the text, accents folded.
+        "rrec_text_title(s)": "rrec_squash(rrec_fold_if(rrec_drop_tags(s)))",
         # Takes the already unescaped title (the span check needs that one too).
         "rrec_strip_title(s)": "replace(replace(rrec_drop_tags(s), '\"', ''), '''', '')",
         "rrec_clean_unescaped_title(s)": "rrec_squash(rrec_strip_title(s))",
@@ -140,7 +158,7 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
             "coalesce(CASE WHEN sep = ' ' THEN rrec_clean_text(array_to_string(xs, ' ')) "
             "ELSE array_to_string(list_filter(list_transform(list_transform(list_transform("
             "xs, lambda x: rrec_unescape_if(x)), lambda x: rrec_drop_tags(x)), "
-            "lambda x: coalesce(rrec_squash(x), '')), lambda x: x <> ''), sep) END, '')"
+            "lambda x: coalesce(rrec_squash(rrec_fold_if(x)), '')), lambda x: x <> ''), sep) END, '')"
         ),
         # Of a squashed string (single spaces, no control or non-ASCII characters).
         "rrec_word_count(s)": (
@@ -159,7 +177,8 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
 
 def item_validity_sql(source: str, max_title_words: int) -> str:
     """A query over `source` (columns parent_asin, title JSON, price JSON and any others,
-    which pass through in order) that replaces `title` by the cleaned title and `price` by
+    which pass through in order) that replaces `title` by the title's text (accents folded)
+    and `price` by
     a DOUBLE or NULL, and adds `reason`: NULL when the line is valid, else one of
     ITEM_REASONS except duplicate_meta, which needs the file order and is decided by the
     caller. Every line is returned, malformed ones too: the caller counts those apart."""
@@ -181,7 +200,7 @@ def item_validity_sql(source: str, max_title_words: int) -> str:
             SELECT *, rrec_squash(title_stripped) AS title_clean FROM stripped
         )
         SELECT * EXCLUDE (title_unescaped, title_stripped, title_clean, price_value)
-                REPLACE (title_clean AS title, price_value AS price),
+                REPLACE (rrec_text_title(title_unescaped) AS title, price_value AS price),
             CASE
                 WHEN title_unescaped IS NULL THEN 'missing_title'
                 WHEN contains(title_unescaped, '<span id') THEN 'span_title'
