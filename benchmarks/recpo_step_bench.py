@@ -127,7 +127,7 @@ def build_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]
     from rrec.data.download import run_download
     from rrec.data.window import run_window
     from rrec.items import run_items
-    from rrec.model.backbone import build_backbone
+    from rrec.stages.backbone import backbone_stage
     from rrec.prompts import run_prompts
 
     root.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def build_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]
         yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
     )
     paths = Paths(root)
-    stages = [run_download, run_window, run_prompts, build_backbone, run_items]
+    stages = [run_download, run_window, run_prompts, backbone_stage, run_items]
     for stage in tqdm(stages, desc="building the tiny project", unit="stage"):
         stage(params, paths)
     return load_params(root / "params.yaml"), paths

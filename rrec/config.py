@@ -110,6 +110,9 @@ class DataParams(_Strict):
 
 class PromptParams(_Strict):
     max_description_words: int = Field(100, ge=1)
+    # the user prompt lists only the last N items of the history (null: all of it); the
+    # history itself (masking, baselines) is data.window.max_history's
+    max_history_items: int | None = Field(None, ge=1)
 
 
 # -------------------------------------------------------------------------- model
@@ -163,6 +166,9 @@ class LoraParams(_Strict):
     # (README, "Choices"); turn it on for a real backbone
     enabled: bool = False
     r: int = Field(8, ge=1)
+    # adapters on the last N decoder layers only (null: all): the layers below get no
+    # gradient, so the backward pass stops at the first adapted layer
+    layers: int | None = Field(None, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = [
@@ -171,6 +177,7 @@ class LoraParams(_Strict):
 
 
 class ModelParams(_Strict):
+    # tiny (built offline), a packaged name (smollm2-135m), a Hub id or a local folder
     backbone: str = "tiny"
     tiny: TinyBackboneParams = TinyBackboneParams()
     lora: LoraParams = LoraParams()
@@ -184,6 +191,16 @@ class ModelParams(_Strict):
     # torch.export and compiled ahead of time by AOTInductor: no Python or guard checks
     # per step; built on first use (~15 s on CPU, needs a C++ compiler)
     aot_single_requests: bool = False
+    # the backbone's end of turn (e.g. <|im_end|>) also ends the reasoning, which then
+    # gets `<answer>` appended; null: on for every backbone but the tiny one, whose
+    # reasoning ends only at <answer> or the token budget
+    reasoning_ends_at_end_of_turn: bool | None = None
+
+    @property
+    def end_of_turn_stops(self) -> bool:
+        if self.reasoning_ends_at_end_of_turn is not None:
+            return self.reasoning_ends_at_end_of_turn
+        return self.backbone != "tiny"
 
 
 # -------------------------------------------------------------------------- items
@@ -252,6 +269,10 @@ class TrainParams(_Strict):
     # each evaluation also scores the fused reward of every train example of this many
     # seeded train users (0: none): a training reward comparable across steps
     reward_probe_users: int = Field(256, ge=0)
+    # with LoRA on the last layers only (model.lora.layers), keep every item prompt's
+    # states below them in memory (items x prompt tokens x hidden size floats), so that
+    # re-encoding the table runs only the trained layers (rrec/model/frozen_layers.py)
+    keep_frozen_item_states: bool = True
     patience: int = Field(2, ge=1)
     # no early stopping before this step: the contrastive loss sits at ln(batch) for its
     # first 150-200 steps, and patience alone would stop it there

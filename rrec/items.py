@@ -192,7 +192,8 @@ def encode_items(
     was_training = rec.training
     rec.eval()
     # item prompts share the chat template's head and the instruction: encode it once
-    n_shared = shared_prefix_length(prompts)
+    # (unless the states below the trained layers are kept: then only those layers run)
+    n_shared = shared_prefix_length(prompts) if rec.frozen_items is None else 0
     prefix = rec.shared_prefix(prompts[0][:n_shared]) if n_shared and mine else None
     try:
         with (
@@ -209,7 +210,7 @@ def encode_items(
                 parts = []
                 for start in range(0, len(ids), batch_size):
                     batch = [prompts[i] for i in ids[start : start + batch_size]]
-                    states = rec.encode_after_prefix(prefix, batch) if prefix else rec.encode(batch)
+                    states = rec.encode_after_prefix(prefix, batch) if prefix else rec.encode_items(batch)
                     parts.append(states.float().cpu())
                     bar.update(len(batch))
                 save_tensors(

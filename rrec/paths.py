@@ -58,6 +58,11 @@ class Paths:
         return self.root / "models" / "backbone"
 
     @property
+    def downloads(self) -> Path:
+        """Downloaded model files, kept between runs of the backbone stage (not a DVC out)."""
+        return self.root / "models" / "downloads"
+
+    @property
     def item_table(self) -> Path:
         return self.root / "models" / "item_table"
 

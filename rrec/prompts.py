@@ -343,7 +343,11 @@ def _item_prompts(items: pa.Table, path: Path, category: str, max_words: int) ->
 
 
 def _user_batch(
-    batch: pa.RecordBatch, titles: Mapping[int, str | None], path: Path, category: str
+    batch: pa.RecordBatch,
+    titles: Mapping[int, str | None],
+    path: Path,
+    category: str,
+    max_history_items: int | None = None,
 ) -> pa.RecordBatch:
     cols = {name: batch.column(name).to_pylist() for name in _EXAMPLE_COLUMNS}
     messages: list[list[dict[str, str]]] = []
@@ -368,7 +372,10 @@ def _user_batch(
                 "items and splits come from different window runs, rerun the window stage"
             ) from None
         try:
-            messages.append(user_messages(hist_titles, ratings, stamps, target_ts, category))
+            shown = slice(-max_history_items if max_history_items else None, None)
+            messages.append(
+                user_messages(hist_titles[shown], ratings[shown], stamps[shown], target_ts, category)
+            )
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: {err}") from err
     return pa.RecordBatch.from_pydict(
@@ -419,7 +426,7 @@ def run_prompts(params: Params, paths: Paths, batch_size: int = 4096) -> dict[st
             tqdm(total=n_rows, desc=f"user prompts ({split})", unit="example") as bar,
         ):
             for batch in pf.iter_batches(batch_size=batch_size, columns=list(_EXAMPLE_COLUMNS)):
-                writer.write_batch(_user_batch(batch, titles, split_path, category))
+                writer.write_batch(_user_batch(batch, titles, split_path, category, params.prompts.max_history_items))
                 bar.update(batch.num_rows)
         counts[split] = n_rows
     return counts

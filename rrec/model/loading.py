@@ -31,10 +31,11 @@ def new_policy(params: Params, backbone_dir: Path, device: torch.device | str | 
     torch.manual_seed(params.train.seed)
     lm, tok = load_model_and_tokenizer(params, backbone_dir, device=device)
     lm = apply_lora(lm, params.model.lora)
-    if hasattr(lm, "enable_input_require_grads") and params.model.lora.enabled:
-        lm.enable_input_require_grads()
     lm.train()
-    return RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
+    return RecModel(
+        lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens,
+        end_of_turn_stops=params.model.end_of_turn_stops,
+    )  # fmt: skip
 
 
 def start_from_trained(rec: RecModel, trained: Path) -> None:
@@ -73,6 +74,7 @@ def policy_from_adapter(
     rec = RecModel(
         lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens,
         aot_single_requests=params.model.aot_single_requests,
+        end_of_turn_stops=params.model.end_of_turn_stops,
     )  # fmt: skip
     if params.model.compile:
         rec.compile_decoder()

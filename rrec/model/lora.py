@@ -20,7 +20,17 @@ from rrec.config import LoraParams
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def lora_config(lora: LoraParams) -> LoraConfig:
+def lora_config(lora: LoraParams, num_layers: int | None = None) -> LoraConfig:
+    """peft's config; with `lora.layers`, the adapters go on the last `lora.layers` of the
+    model's `num_layers` decoder layers."""
+    last: dict = {}
+    if lora.layers is not None:
+        if num_layers is None:
+            raise ValueError("model.lora.layers needs the model's number of decoder layers")
+        if lora.layers > num_layers:
+            raise ValueError(f"model.lora.layers={lora.layers}, but the backbone has {num_layers} layers")
+        last = {"layers_to_transform": list(range(num_layers - lora.layers, num_layers)),
+                "layers_pattern": "layers"}
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=lora.r,
@@ -28,6 +38,7 @@ def lora_config(lora: LoraParams) -> LoraConfig:
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         bias="none",
+        **last,
     )
 
 
@@ -44,7 +55,8 @@ def apply_lora(model: PreTrainedModel, lora: LoraParams) -> PreTrainedModel | Pe
             f"model.lora.target_modules {list(lora.target_modules)}: none of these modules exists in "
             f"{type(model).__name__}; name its linear layers (e.g. q_proj, v_proj for Qwen2/Gemma/Llama)"
         )
-    return get_peft_model(model, lora_config(lora))
+    num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    return get_peft_model(model, lora_config(lora, num_layers))
 
 
 def trainable_parameters(model: PreTrainedModel | PeftModel) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrec.model.aot import AOTDecoder, cache_positions, require_cpp_compiler
 from rrec.model.chat import chat_ids
+from rrec.model.frozen_layers import FrozenItemStates
 from rrec.model.last_layer import last_layer_only_at, unwrap
 from rrec.model.tokenizer import ANSWER, END_ANSWER, control_token_id
 
@@ -121,9 +122,14 @@ class RecModel(nn.Module):
         tau: float = 0.02,
         max_prompt_tokens: int | None = None,
         aot_single_requests: bool = False,
+        end_of_turn_stops: bool = False,
     ) -> None:
         super().__init__()
         self.lm = lm
+        # the backbone's end-of-turn tokens may end the reasoning (`<answer>` is appended)
+        self.end_of_turn_stops = end_of_turn_stops
+        # item states below the trained layers, kept while training (rrec.model.frozen_layers)
+        self.frozen_items: FrozenItemStates | None = None
         self.tokenizer = tokenizer
         self.tau = tau
         self.max_prompt_tokens = max_prompt_tokens
@@ -186,7 +192,8 @@ class RecModel(nn.Module):
         """Boolean [vocab] mask of the ids reasoning may never contain: every special or
         added token of the tokenizer (chat-template tokens, end of text, `</answer>`, ...)
         and the output head's rows beyond the tokenizer, all but `<answer>`, which ends
-        the reasoning. Sampling and greedy decoding set their logits to -inf, as a chat
+        the reasoning, and, with `end_of_turn_stops`, the backbone's end-of-turn tokens,
+        which end it too (a pretrained chat model ends its answer there). Sampling and greedy decoding set their logits to -inf, as a chat
         model's turn is text; the update masks the same ids, so the ratios stay exact."""
         device = self.device
         if self._banned_in_reasoning is None or self._banned_in_reasoning.device != device:
@@ -197,8 +204,16 @@ class RecModel(nn.Module):
             banned[[i for i in ids if 0 <= i < rows]] = True
             banned[len(tok) :] = True
             banned[self.answer_token_id] = False
+            if self.end_of_turn_stops:
+                banned[[i for i in self.end_of_turn_ids() if 0 <= i < rows]] = False
             self._banned_in_reasoning = banned.to(device)  # once per device, not per decoding step
         return self._banned_in_reasoning
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The ids that end a turn: the generation config's eos ids and the tokenizer's eos."""
+        eos = getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None)
+        ids = [*(eos if isinstance(eos, (list, tuple)) else [eos]), self.tokenizer.eos_token_id]
+        return sorted({int(i) for i in ids if i is not None})
 
     def reasoning_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [..., vocab] with the ids of `banned_in_reasoning` at -inf (float32)."""
@@ -306,6 +321,12 @@ class RecModel(nn.Module):
         """Answer states of token-id lists (padded here); gradients as the caller's context."""
         ids, mask = self.pad(sequences)
         return self.answer_states(ids, mask)
+
+    def encode_items(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """`encode` for item prompts: through `frozen_items` when it is set."""
+        if self.frozen_items is not None:
+            return self.frozen_items.encode(self, sequences)
+        return self.encode(sequences)
 
     @torch.no_grad()
     def shared_prefix(self, prefix: Sequence[int]) -> SharedPrefix:

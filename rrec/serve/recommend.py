@@ -136,7 +136,7 @@ def _with_tokenizer(model: RecModel, tokenizer_dir: Path) -> RecModel:
         )
     return RecModel(
         model.lm, tokenizer, tau=model.tau, max_prompt_tokens=model.max_prompt_tokens,
-        aot_single_requests=model.aot_single_requests,
+        aot_single_requests=model.aot_single_requests, end_of_turn_stops=model.end_of_turn_stops,
     )  # fmt: skip
 
 

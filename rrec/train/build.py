@@ -16,6 +16,8 @@ from transformers import get_constant_schedule_with_warmup
 
 from rrec.config import METHODS, Params
 from rrec.items import read_item_prompts
+from rrec.model.backbone import saved_by_stage
+from rrec.model.frozen_layers import FrozenItemStates, frozen_depth
 from rrec.model.generation import RolloutEngine, make_engine
 from rrec.model.item_table import ItemTable
 from rrec.model.loading import TABLE_DIR, new_policy, start_from_trained
@@ -44,9 +46,9 @@ def new_accelerator() -> Accelerator:
 
 def rollout_engine(params: Params, paths: Paths) -> RolloutEngine:
     """The rollout engine of `train.rollout`; vLLM loads the backbone by its reference
-    (the tiny backbone's folder, a Hub id or a local path)."""
+    (the folder the backbone stage saved, a Hub id or a local path)."""
     tp = params.train
-    ref = str(paths.backbone) if params.model.backbone == "tiny" else params.model.backbone
+    ref = str(paths.backbone) if saved_by_stage(params.model.backbone) else params.model.backbone
     return make_engine(
         tp.rollout.engine, temperature=tp.rollout.temperature, top_k=tp.rollout.top_k,
         max_new_tokens=tp.rollout.max_new_tokens, model_ref=ref,
@@ -123,6 +125,9 @@ def build_training(
     start = starting_point(params, paths, method)
     if start is not None:
         start_from_trained(policy, start)
+    depth = frozen_depth(policy) if params.train.keep_frozen_item_states else 0
+    if depth:
+        policy.frozen_items = FrozenItemStates(depth)
     users = load_user_prompts(paths, "train")
     reasoning = method == "recpo"
     table = engine = None

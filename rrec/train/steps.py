@@ -90,7 +90,7 @@ class StepContext:
         was = policy.training
         policy.eval()
         with torch.no_grad():
-            states = policy.encode([self.item_prompt_ids[i] for i in mine]).float()
+            states = policy.encode_items([self.item_prompt_ids[i] for i in mine]).float()
         policy.train(was)
         return gather_no_grad(states, self.world)[: len(items)]
 
