@@ -675,8 +675,23 @@ def test_an_empty_file_names_the_file(tmp_path: Path, which: str) -> None:
     paths = setup(tmp_path, [("u", "A1", 1.0, ms(2023, 1, 1)), ("u", "A2", 1.0, ms(2023, 1, 2))])
     empty = paths.meta_file(CAT) if which == "meta" else paths.rating_only_file(CAT)
     write_gz(empty, [] if which == "meta" else [CSV_HEADER])
-    with pytest.raises(WindowError, match=rf"{empty.name}: holds no lines"):
+    with pytest.raises(WindowError, match=rf"{empty.name}: holds no data lines") as info:
         run_window(make_params(), paths)
+    assert "download it again" not in str(info.value)
+    assert "downloading it again gives the same file" in str(info.value)
+
+
+def test_a_latin1_metadata_file_is_named_as_not_utf8(tmp_path: Path) -> None:
+    paths = setup(tmp_path, [("u", "A1", 1.0, ms(2023, 1, 1)), ("u", "A2", 1.0, ms(2023, 1, 2))])
+    text = "\n".join(meta(a, title=f"Caf\u00e9 Game {a}") for a in ("A1", "A2")) + "\n"
+    with gzip.open(paths.meta_file(CAT), "wb") as fh:
+        fh.write(text.replace("\\u00e9", "\u00e9").encode("latin-1"))
+    with pytest.raises(WindowError) as info:
+        run_window(make_params(), paths)
+    msg = str(info.value)
+    assert msg.startswith(f"{paths.meta_file(CAT)}: 2 of 2 lines are malformed")
+    assert "it is not UTF-8 text (byte 0xe9 on line 1; Latin-1 or another encoding?)" in msg
+    assert "convert the file to UTF-8" in msg and "download it again" not in msg
 
 
 @pytest.mark.parametrize("which", ["meta", "interactions"])

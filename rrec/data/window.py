@@ -380,6 +380,25 @@ def _read_meta(con: duckdb.DuckDBPyConnection, path: Path, max_title_words: int)
     return rows, rows - ok
 
 
+def _not_utf8(path: Path, max_bytes: int = 64 << 20) -> str | None:
+    """Where the first `max_bytes` of a (gzip) text file stop being UTF-8; None if they are."""
+    read = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    return (f"it is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {n}; "
+                            f"Latin-1 or another encoding?)")
+                read += len(raw)
+                if read >= max_bytes:
+                    break
+    except (OSError, EOFError):
+        return None
+    return None
+
+
 def check_malformed(
     path: Path, lines: int, malformed: int, limit: float,
     fix: str = "the file is probably damaged: download it again",
@@ -387,9 +406,16 @@ def check_malformed(
     """Stop (WindowError) when `path` holds no lines or more than `limit` of them are
     malformed (`data.window.max_malformed_share`); `fix` says what to do about the file."""
     if lines == 0:
-        raise WindowError(f"{path}: holds no lines; {fix}")
+        raise WindowError(
+            f"{path}: holds no data lines (a CSV header and blank lines do not count): the file "
+            f"itself is empty, so downloading it again gives the same file; check that "
+            f"data.category and data.interactions name the file you meant"
+        )
     share = malformed / lines
     if share > limit:
+        encoding = _not_utf8(path)
+        if encoding:
+            fix = f"{encoding}: convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         raise WindowError(
             f"{path}: {malformed:,} of {lines:,} lines are malformed (share {share:.4f}, above "
             f"data.window.max_malformed_share={limit}); {fix}, or raise "
