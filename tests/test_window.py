@@ -681,6 +681,23 @@ def test_an_empty_file_names_the_file(tmp_path: Path, which: str) -> None:
     assert "downloading it again gives the same file" in str(info.value)
 
 
+def test_many_items_without_metadata_warn_even_when_their_lines_are_few(tmp_path: Path) -> None:
+    t = ms(2023, 1, 1)
+    rows = [(f"u{i}", "A0", 4.0, t + i * DAY) for i in range(8)]
+    rows += [(f"u{i}", "A3", 4.0, t + (10 + i) * DAY) for i in range(5)]
+    rows += [("u0", "A1", 4.0, t + 20 * DAY), ("u1", "A2", 4.0, t + 21 * DAY), ("u2", "A2", 4.0, t + 22 * DAY)]
+    paths = setup(tmp_path, rows, [meta("A0"), meta("A3")])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        stats = run_window(make_params(), paths)
+    assert stats["drops"]["no_metadata"] == 3 and stats["dropped_share"] == pytest.approx(3 / 16)
+    assert [str(w.message) for w in seen] == [
+        f"window: 2 of the 4 items rated in {CAT}.csv.gz (50.0%) have no valid metadata line (their "
+        "interactions are no_metadata, 18.8% of the usable lines): check that both files are of the "
+        "same data.category and complete"
+    ]
+
+
 def test_a_latin1_metadata_file_is_named_as_not_utf8(tmp_path: Path) -> None:
     paths = setup(tmp_path, [("u", "A1", 1.0, ms(2023, 1, 1)), ("u", "A2", 1.0, ms(2023, 1, 2))])
     text = "\n".join(meta(a, title=f"Caf\u00e9 Game {a}") for a in ("A1", "A2")) + "\n"

@@ -538,12 +538,23 @@ def _choose_window(
 ) -> tuple[dt.date, int, int, int, bool]:
     """Return (start day, months rolled back, interactions with valid metadata,
     interactions without, whether min_items was reached)."""
-    n_valid, n_invalid, earliest, t_min, t_max = con.execute(
+    n_valid, n_invalid, earliest, t_min, t_max, n_items, n_items_bare = con.execute(
         "SELECT coalesce(sum(n) FILTER (WHERE v.parent_asin IS NOT NULL), 0), "
         "coalesce(sum(n) FILTER (WHERE v.parent_asin IS NULL), 0), "
-        "min(first_ts) FILTER (WHERE v.parent_asin IS NOT NULL), min(first_ts), max(s.max_ts) "
+        "min(first_ts) FILTER (WHERE v.parent_asin IS NOT NULL), min(first_ts), max(s.max_ts), "
+        "count(*), count(*) FILTER (WHERE v.parent_asin IS NULL) "
         "FROM item_span s LEFT JOIN meta_valid v USING (parent_asin)"
     ).fetchall()[0]
+    if n_items and n_items_bare / n_items > WARN_DROPPED_SHARE:
+        lines = n_valid + n_invalid
+        warnings.warn(
+            f"window: {n_items_bare:,} of the {n_items:,} items rated in {inter_path.name} "
+            f"({n_items_bare / n_items:.1%}) have no valid metadata line (their interactions are "
+            f"no_metadata, {n_invalid / max(lines, 1):.1%} of the usable lines): check that "
+            f"both files are of the same data.category and complete",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     (last,) = con.execute(
         "SELECT coalesce(list(s.last_ts ORDER BY s.last_ts), []) "
         "FROM item_span s JOIN meta_valid v USING (parent_asin) WHERE s.last_ts IS NOT NULL"
