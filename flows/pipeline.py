@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, Any
 
 import typer
 from prefect import flow, get_run_logger, task
@@ -34,6 +34,7 @@ from prefect.cache_policies import NO_CACHE
 log = logging.getLogger(__name__)
 
 DOWNLOAD_STAGE = "download"
+REPORT_STAGE = "report"
 TAIL_LINES = 30
 # tqdm redraws its bar with "\r"; such lines are logged at most this often per stream.
 PROGRESS_LOG_EVERY_S = 10.0
@@ -178,11 +179,62 @@ def run_dvc(args: Sequence[str], root: Path) -> CommandResult:
     return result
 
 
+SKIPPED_STATE = "Skipped"  # the state name the Prefect UI shows for a stage DVC did not run
+
+
 @task(name="dvc-repro-stage", cache_policy=NO_CACHE, retries=0)
-def repro_stage(stage: str, root: str) -> str:
-    """One stage, alone (`--single-item`): its upstream stages ran before it in this flow."""
+def repro_stage(stage: str, root: str) -> Any:
+    """One stage, alone (`--single-item`): its upstream stages ran before it in this flow.
+    A stage DVC skipped (its inputs match `dvc.lock`) ends in a Completed state named
+    `Skipped`, so the UI tells it from one that ran."""
+    from prefect.states import Completed
+
     result = run_dvc(["repro", "--single-item", stage], Path(root))
-    return "skipped" if result.skipped else "ran"
+    if result.skipped:
+        return Completed(name=SKIPPED_STATE, message=f"DVC skipped {stage}: nothing changed", data="skipped")
+    return "ran"
+
+
+MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui` as docs/usage.md starts it
+
+
+def comparison_markdown(root: Path, ui: str = MLFLOW_UI) -> str:
+    """The report stage's table and a link to each method's MLflow run (the pipeline
+    flow's artifact)."""
+    import csv
+
+    table, rows = root / "reports" / "comparison.md", root / "reports" / "comparison.csv"
+    if not table.exists() or not rows.exists():
+        return "No comparison yet: the report stage writes `reports/comparison.md`."
+    links = []
+    with rows.open() as f:
+        runs = [(r["method"], r["run_id"]) for r in csv.DictReader(f) if r.get("run_id")]
+    experiments = _experiment_ids([run_id for _, run_id in runs], root)
+    for method, run_id in runs:
+        exp = experiments.get(run_id)
+        url = f"{ui}/#/experiments/{exp}/runs/{run_id}" if exp else None
+        links.append(f"- {method}: [{run_id}]({url})" if url else f"- {method}: run {run_id}")
+    return table.read_text() + "\nMLflow runs (`mlflow ui` on " + ui + "):\n\n" + "\n".join(links) + "\n"
+
+
+def _experiment_ids(run_ids: Sequence[str], root: Path) -> dict[str, str]:
+    """{run id: experiment id} of the runs the store has."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from rrec import tracking
+
+    try:
+        client = MlflowClient(tracking_uri=tracking.configure(root))
+    except tracking.TrackingUnavailable:
+        return {}
+    out = {}
+    for run_id in run_ids:
+        try:
+            out[run_id] = client.get_run(run_id).info.experiment_id
+        except MlflowException:
+            continue
+    return out
 
 
 def _select(stages: Sequence[str] | None, root: str) -> list[str]:
@@ -208,6 +260,8 @@ def pipeline_flow(
     retry_delay_s: float = 30.0,
 ) -> dict[str, str]:
     """Reproduce the pipeline stage by stage, in `dvc.yaml` order; returns stage -> "ran"/"skipped".
+    A run that includes the report stage ends with the artifact `rrec-comparison`: the
+    comparison table and links to each method's MLflow run.
 
     `stages` limits the run to those stages (still in `dvc.yaml` order; `train` selects
     every `train@<method>`). A stage whose
@@ -227,7 +281,16 @@ def pipeline_flow(
         step = repro_stage.with_options(name=f"repro-{stage}")
         if stage == DOWNLOAD_STAGE and download_retries > 0:
             step = step.with_options(retries=download_retries, retry_delay_seconds=retry_delay_s)
-        outcome[stage] = step(stage, root)
+        state = step(stage, root, return_state=True)
+        state.result()  # a failed stage raises its error here and fails the flow
+        outcome[stage] = "skipped" if state.name == SKIPPED_STATE else "ran"
+    if REPORT_STAGE in outcome:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(
+            key="rrec-comparison", markdown=comparison_markdown(Path(root)),
+            description="Test metrics of every method (reports/comparison.md) and their MLflow runs",
+        )
     return outcome
 
 
