@@ -204,6 +204,8 @@ def catalogue_add(
     """Add items (new parent_asin) or replace them (known parent_asin), cleaned like the window stage."""
     from rrec.serve.catalogue_updates import add_items_from_file
 
+    if not meta.is_file():  # before loading the model, which takes seconds
+        raise _fail(f"{meta}: metadata file not found (--meta)")
     _updated(params, root, method, out, lambda rec: add_items_from_file(rec, meta), publish)
 
 

@@ -128,3 +128,19 @@ def test_adding_a_removed_item_again_says_it_is_recommendable_again(
     assert out["restored"] == [1]
     assert out["warning"] == ("items [1] had been removed; adding them again made them recommendable "
                               "again (remove them again with `rrec catalogue remove --asin`)")
+
+
+def test_cli_catalogue_add_names_a_missing_file_before_loading_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rrec.cli import app
+
+    def no_model(cls, *args, **kw):  # noqa: ANN001, ANN002, ANN003
+        raise AssertionError("the model was loaded before the file was checked")
+
+    monkeypatch.setattr(recommend_module.Recommender, "from_dir", classmethod(no_model))
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    missing = tmp_path / "nope.jsonl.gz"
+    result = CliRunner().invoke(app, ["catalogue", "add", "--meta", str(missing), "--root", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {missing}: metadata file not found (--meta)"
