@@ -208,6 +208,10 @@ def test_corrupt_gzip_is_rejected_and_removed(
     assert url in str(info.value)
     assert not dest.exists()
     assert not (tmp_path / "e.csv.gz.part").exists()
+    # every announced byte arrived: the file on the server is damaged, and a retry would not help
+    assert f"the source file is damaged: all {len(body):,} bytes it has arrived" in str(info.value)
+    assert "Downloading it again would fail the same way" in str(info.value)
+    assert "run the download again" not in str(info.value)
 
 
 def test_existing_complete_file_is_not_downloaded_again(server: Server, tmp_path: Path) -> None:

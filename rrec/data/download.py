@@ -101,10 +101,18 @@ def sha256_check(expected: str) -> CheckFn:
     return check
 
 
-def _finish(url: str, part: Path, dest: Path, chunk_bytes: int, check: CheckFn) -> Path:
+def _finish(url: str, part: Path, dest: Path, chunk_bytes: int, check: CheckFn, whole: int | None) -> Path:
+    """`whole`: the size the source announced when every byte of it arrived, else None."""
     problem = check(part, chunk_bytes)
     if problem is not None:
         part.unlink(missing_ok=True)
+        if whole is not None:
+            raise DownloadError(
+                f"{url}: the source file is damaged: all {whole:,} bytes it has arrived, and "
+                f"they fail the integrity check: {problem}. Downloading it again would fail "
+                f"the same way: fetch it from another mirror or report the damaged file to "
+                f"its provider. {part} was deleted."
+            )
         raise DownloadError(
             f"{url}: downloaded file failed the integrity check: {problem}. "
             f"The bad partial file {part} was deleted; run the download again."
@@ -144,14 +152,14 @@ def fetch(
 
     scheme = urlparse(url).scheme
     if scheme == "file":
-        _copy_local(url, part, chunk_bytes=chunk_bytes, progress=progress)
+        whole = _copy_local(url, part, chunk_bytes=chunk_bytes, progress=progress)
     elif scheme in ("http", "https"):
-        _download_http(
+        whole = _download_http(
             url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes, progress=progress, check=check
         )
     else:
         raise DownloadError(f"{url}: unsupported URL scheme {scheme!r}; use http, https or file")
-    return _finish(url, part, dest, chunk_bytes, check)
+    return _finish(url, part, dest, chunk_bytes, check, whole)
 
 
 def _not_found(url: str, detail: str) -> DownloadError:
@@ -161,7 +169,7 @@ def _not_found(url: str, detail: str) -> DownloadError:
     )
 
 
-def _copy_local(url: str, part: Path, *, chunk_bytes: int, progress: bool) -> None:
+def _copy_local(url: str, part: Path, *, chunk_bytes: int, progress: bool) -> int:
     parsed = urlparse(url)
     if parsed.netloc not in ("", "localhost"):
         raise DownloadError(f"{url}: file:// URLs must point at this machine (no host name)")
@@ -181,6 +189,7 @@ def _copy_local(url: str, part: Path, *, chunk_bytes: int, progress: bool) -> No
                 bar.update(len(chunk))
     except OSError as err:
         raise DownloadError(f"{url}: copying to {part} failed: {err}") from err
+    return part.stat().st_size
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
@@ -221,7 +230,8 @@ def _get(url: str, offset: int, timeout_s: float) -> requests.Response:
 
 def _download_http(
     url: str, part: Path, *, timeout_s: float, chunk_bytes: int, progress: bool, check: CheckFn
-) -> None:
+) -> int | None:
+    """Fill `part`; returns the file's size when the server announced one and it all arrived."""
     offset = part.stat().st_size if part.exists() else 0
     if offset:
         log.info("resuming %s at byte %d", url, offset)
@@ -233,12 +243,11 @@ def _download_http(
             # was missing) or larger than the file now on the server.
             _, total = _content_range(resp.headers.get("Content-Range"))
             if (total is None or total == offset) and check(part, chunk_bytes) is None:
-                return
+                return total
             log.warning("%s: %s does not match the server's file; starting over", url, part)
             part.unlink()
-            _download_http(url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes,
-                           progress=progress, check=check)
-            return
+            return _download_http(url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes,
+                                  progress=progress, check=check)
         if status == 404:
             raise _not_found(url, "HTTP 404")
         if status >= 400:
@@ -258,9 +267,8 @@ def _download_http(
                             url, start, offset)
                 part.unlink()
                 resp.close()
-                _download_http(url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes,
-                               progress=progress, check=check)
-                return
+                return _download_http(url, part, timeout_s=timeout_s, chunk_bytes=chunk_bytes,
+                                      progress=progress, check=check)
             if total is None:
                 length = resp.headers.get("Content-Length")
                 total = offset + int(length) if length and length.isdigit() else None
@@ -296,6 +304,7 @@ def _download_http(
             f"{part} was kept, run the download again to resume",
             transient=True,
         )
+    return total
 
 
 def _body(
