@@ -99,3 +99,31 @@ def test_a_warning_is_one_line_without_the_internal_source_line(tmp_path: Path) 
     assert warned == [line for line in done.stderr.splitlines() if line.startswith("warning: window: 30.0%")]
     assert len(warned) == 1, done.stderr
     assert "__init__.py" not in done.stderr and "work(params" not in done.stderr
+
+
+def test_a_tracking_server_lost_during_a_stage_gets_the_tracking_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow import MlflowClient
+
+    from rrec.processes import free_port
+    from rrec.stages import stage_main
+
+    write_params(tmp_path, {})
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("RREC_DEBUG", raising=False)
+
+    def work(params: object, paths: object) -> None:
+        MlflowClient(dead).get_experiment("0")  # what a stage's logging does once the server is gone
+
+    assert stage_main("probe", work, ["--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (
+        f"error: stage probe failed: TrackingUnavailable: the MLflow tracking server at {dead} "
+        "(MLFLOW_TRACKING_URI) stopped answering during the stage (connection refused); start it, "
+        "point MLFLOW_TRACKING_URI at a running one, or unset it to track into the project's own "
+        "store (mlflow/), then run the stage again"
+    )
+    assert "API request" not in err and "HTTPConnectionPool" not in err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import sys
 import time
 import traceback
@@ -34,7 +35,19 @@ def failure_message(stage: str, err: BaseException) -> str:
     """The one message a failing stage prints: what failed and why (the exception's own
     text names the file or setting and the fix)."""
     text = str(err).strip() or repr(err)
-    return f"error: stage {stage} failed: {type(err).__name__}: {text}\n(set {DEBUG_ENV}=1 for the traceback)"
+    name = type(err).__name__
+    if type(err).__module__.split(".")[0] == "mlflow" and "API request to" in text:
+        # a tracking server that went away after the stage's start-up check
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        reason = next(filter(None, (re.search(r, text) for r in (
+            "Connection refused", "Read timed out", "timed out", "Max retries exceeded"))), None)
+        name, text = "TrackingUnavailable", (
+            f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) stopped answering during "
+            f"the stage ({reason.group(0).lower() if reason else text.split(' failed with')[0]}); "
+            f"start it, point MLFLOW_TRACKING_URI at a running one, or unset it to track into "
+            f"the project's own store (mlflow/), then run the stage again"
+        )
+    return f"error: stage {stage} failed: {name}: {text}\n(set {DEBUG_ENV}=1 for the traceback)"
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
