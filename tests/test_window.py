@@ -708,7 +708,7 @@ def test_a_latin1_metadata_file_is_named_as_not_utf8(tmp_path: Path) -> None:
     msg = str(info.value)
     assert msg.startswith(f"{paths.meta_file(CAT)}: 2 of 2 lines are malformed")
     assert "it is not UTF-8 text (byte 0xe9 on line 1; Latin-1 or another encoding?)" in msg
-    assert "convert the file to UTF-8" in msg and "download it again" not in msg
+    assert "convert its text to UTF-8" in msg and "download it again" not in msg
 
 
 @pytest.mark.parametrize("which", ["meta", "interactions"])

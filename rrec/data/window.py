@@ -415,7 +415,7 @@ def check_malformed(
     if share > limit:
         encoding = _not_utf8(path)
         if encoding:
-            fix = f"{encoding}: convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            fix = f"{encoding}: convert its text to UTF-8 (e.g. gunzip, iconv -f latin1 -t utf-8, gzip)"
         raise WindowError(
             f"{path}: {malformed:,} of {lines:,} lines are malformed (share {share:.4f}, above "
             f"data.window.max_malformed_share={limit}); {fix}, or raise "
