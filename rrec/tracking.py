@@ -172,6 +172,8 @@ EXPERIMENT_TAGS = {
 }
 
 
+# the stages whose runs learn from the window's splits: they log them as datasets
+DATASET_STAGES = ("train", "baselines")
 # a run's description in MLflow's UI
 RUN_NOTES = {
     "train": (
@@ -268,7 +270,34 @@ def start_run(
         items = list(flat.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
+        if stage in DATASET_STAGES:
+            log_splits(params.data.category, root)
         yield run
+
+
+SPLITS = ("train", "valid", "test")
+
+
+def log_splits(category: str, root: Path | None = None) -> list[str]:
+    """Log the window's splits (`data/processed/<split>.parquet`) as MLflow datasets of the
+    active run, each with its digest and source; returns the digests (none when the window
+    has not been written)."""
+    import mlflow
+    import pandas as pd
+
+    from rrec.paths import Paths
+
+    paths = Paths(root or Path.cwd())
+    digests = []
+    for split in SPLITS:
+        file = paths.split_file(split)
+        if not file.exists():
+            continue
+        dataset = mlflow.data.from_pandas(pd.read_parquet(file), source=str(file.resolve()),
+                                          name=f"{category}-{split}")
+        mlflow.log_input(dataset, context="training" if split == "train" else split)
+        digests.append(dataset.digest)
+    return digests
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
@@ -356,20 +385,31 @@ class RunPerModel:
             },
         )
         self._active = True
+        log_splits(self.params.data.category, self.root)
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in model_params.items()})
 
     def log_epoch(self, epoch: int, loss: float, valid: dict[str, float]) -> None:
         log_metrics({"loss": loss}, step=epoch)
         log_metrics(valid, step=epoch, prefix="valid_")
 
-    def finish(self, test: dict[str, float], checkpoint: Path, best_valid: dict[str, float] | None = None) -> None:
+    def finish(
+        self, test: dict[str, float], checkpoint: Path, best_valid: dict[str, float] | None = None,
+        model: Any = None,
+    ) -> None:
         """The kept (best-epoch) model's figures under names of their own: `test_<metric>`
-        and `best_valid_<metric>` (`valid_<metric>` is the per-epoch curve)."""
+        and `best_valid_<metric>` (`valid_<metric>` is the per-epoch curve); the model as an
+        MLflow PyTorch model `model` (loadable with `mlflow.pytorch.load_model`), its
+        checkpoint file under `checkpoint/`."""
         import mlflow
 
         log_metrics(test, prefix="test_")
         log_metrics(best_valid or {}, prefix="best_valid_")
-        mlflow.log_artifact(str(checkpoint), artifact_path="model")
+        mlflow.log_artifact(str(checkpoint), artifact_path="checkpoint")
+        if model is not None:
+            import mlflow.pytorch
+
+            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                     pip_requirements=["torch"])
         mlflow.end_run()
         self._active = False
 

@@ -220,7 +220,7 @@ class _Recorder:
     def log_epoch(self, epoch: int, loss: float, valid: dict[str, float]) -> None:
         self.calls.append(("epoch", epoch))
 
-    def finish(self, test: dict[str, float], checkpoint: Path, best_valid: dict[str, float]) -> None:
+    def finish(self, test: dict[str, float], checkpoint: Path, best_valid: dict[str, float], model: Any) -> None:
         self.calls.append(("finish", checkpoint))
 
 

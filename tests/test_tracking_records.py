@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 from mlflow.tracking import MlflowClient
 
 from rrec import tracking
@@ -42,7 +43,21 @@ def test_evaluation_logs_the_kept_model_under_its_own_names_without_reopening_th
     assert {"metrics.json", "test_reasoning_samples.json"} <= files
 
 
-def test_a_baseline_run_shows_its_best_epoch(tmp_path: Path) -> None:
+def _write_splits(root: Path) -> None:
+    import pandas as pd
+
+    from rrec.paths import Paths
+
+    for i, split in enumerate(("train", "valid", "test")):
+        file = Paths(root).split_file(split)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"user_id": [f"u{i}"], "target_item_id": [i]}).to_parquet(file)
+
+
+def test_a_baseline_run_shows_its_best_epoch_model_and_data(tmp_path: Path) -> None:
+    import torch
+
+    _write_splits(tmp_path)
     tracker = tracking.RunPerModel(PARAMS, "baselines", tmp_path)
     tracker.start("sasrec", {"lr": 0.001})
     best = {"ndcg@10": 0.08}
@@ -51,10 +66,17 @@ def test_a_baseline_run_shows_its_best_epoch(tmp_path: Path) -> None:
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_text(json.dumps({}))
     run_id = mlflow.last_active_run().info.run_id
-    tracker.finish({"ndcg@10": 0.075}, checkpoint, best)
-    metrics = MlflowClient().get_run(run_id).data.metrics
+    model = torch.nn.Linear(3, 2)
+    tracker.finish({"ndcg@10": 0.075}, checkpoint, best, model)
+    run = MlflowClient().get_run(run_id)
+    metrics = run.data.metrics
     assert metrics["valid_ndcg_at_10"] == 0.07  # the last epoch: the curve's end
     assert metrics["best_valid_ndcg_at_10"] == 0.08 and metrics["test_ndcg_at_10"] == 0.075
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"Video_Games-train", "Video_Games-valid", "Video_Games-test"}
+    assert all(d.dataset.digest and "processed" in d.dataset.source for d in inputs.values())
+    loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert torch.equal(loaded.weight, model.weight)
 
 
 def test_the_experiment_opens_as_model_training_with_descriptions(tmp_path: Path) -> None:
@@ -65,9 +87,12 @@ def test_the_experiment_opens_as_model_training_with_descriptions(tmp_path: Path
         tags = client.get_experiment(exp_id).tags
         assert tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI view
         assert "rrec.method" in tags["mlflow.note.content"]
+    _write_splits(tmp_path)
     with tracking.start_run(PARAMS, "train", run_name="recpo", root=tmp_path) as run:
         pass
-    assert client.get_run(run.info.run_id).data.tags["mlflow.note.content"].startswith("recpo: training")
+    logged = client.get_run(run.info.run_id)
+    assert logged.data.tags["mlflow.note.content"].startswith("recpo: training")
+    assert len(logged.inputs.dataset_inputs) == 3  # the window's splits
 
 
 def test_registered_models_and_versions_are_described(tmp_path: Path) -> None:

@@ -39,7 +39,9 @@ class Tracker(Protocol):
 
     def log_epoch(self, epoch: int, loss: float, valid: dict[str, float]) -> None: ...
 
-    def finish(self, test: dict[str, float], checkpoint: Path, best_valid: dict[str, float]) -> None: ...
+    def finish(
+        self, test: dict[str, float], checkpoint: Path, best_valid: dict[str, float], model: torch.nn.Module,
+    ) -> None: ...
 
 
 @dataclass
@@ -271,7 +273,7 @@ def _train_baseline(
     )
     (checkpoint.parent / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if tracker is not None:
-        tracker.finish(test_metrics, checkpoint, best_valid)
+        tracker.finish(test_metrics, checkpoint, best_valid, model)
     return result
 
 
