@@ -254,13 +254,19 @@ def user_messages(
     history_timestamps: Sequence[int],
     target_timestamp: int,
     category: str,
+    max_items: int | None = None,
 ) -> list[dict[str, str]]:
-    """The user prompt for a history given oldest first; timestamps in ms."""
+    """The user prompt for a history given oldest first; timestamps in ms. With
+    `max_items` (`prompts.max_history_items`) it lists only the last `max_items`."""
     n = len(history_titles)
     if len(history_ratings) != n or len(history_timestamps) != n:
         raise ValueError(
             f"history lists differ in length: {n} titles, {len(history_ratings)} ratings, "
             f"{len(history_timestamps)} timestamps; pass one rating and one timestamp per title"
+        )
+    if max_items is not None:
+        history_titles, history_ratings, history_timestamps = (
+            history_titles[-max_items:], history_ratings[-max_items:], history_timestamps[-max_items:]
         )
     plural, singular = category_words(category)
     lines = [
@@ -372,9 +378,8 @@ def _user_batch(
                 "items and splits come from different window runs, rerun the window stage"
             ) from None
         try:
-            shown = slice(-max_history_items if max_history_items else None, None)
             messages.append(
-                user_messages(hist_titles[shown], ratings[shown], stamps[shown], target_ts, category)
+                user_messages(hist_titles, ratings, stamps, target_ts, category, max_history_items)
             )
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: {err}") from err

@@ -421,3 +421,11 @@ def test_run_prompts_unknown_item_names_file_and_example(processed: Paths) -> No
 def test_run_prompts_missing_input_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run the window stage first"):
         run_prompts(Params(), Paths(root=tmp_path))
+
+
+def test_max_history_items_lists_only_the_last_items():
+    titles, ratings, stamps = ["A", "B", "C"], [1.0, 2.0, 3.0], [1_000, 2_000, 3_000]
+    full = user_messages(titles, ratings, stamps, 10_000, "Video_Games")[0]["content"]
+    last_two = user_messages(titles, ratings, stamps, 10_000, "Video_Games", max_items=2)[0]["content"]
+    assert "[A]" in full and "[A]" not in last_two
+    assert len(re.findall(r"ago: \[", last_two)) == 2 and "[B] (2.0)" in last_two and "[C] (3.0)" in last_two

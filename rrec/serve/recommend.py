@@ -378,7 +378,7 @@ class Recommender:
         keep = self.params.data.window.max_history
         return user_messages(
             parsed.titles[-keep:], parsed.ratings[-keep:], parsed.timestamps[-keep:], now_ms,
-            self.params.data.category,
+            self.params.data.category, self.params.prompts.max_history_items,
         )
 
     # ------------------------------------------------------------- inference
