@@ -128,20 +128,84 @@ def champion_task(root: str, params_path: str) -> dict[str, Any]:
     return {"version": version, "ndcg10": metric}
 
 
+def score_on_split(model_uri: str, root: Path, params: Any, split: str = "test") -> dict[str, float]:
+    """A registered recommender (loaded from the registry alone) scored on `split` of the
+    window in `root`: the examples the evaluate stage scores (`evaluate.max_users`), items
+    matched by parent_asin to the model's own catalogue, the model's prompts. An example
+    whose target the model's catalogue lacks counts as a miss; history items it lacks are
+    left out of the prompt. Returns {ndcg@K, hit@K, n, n_unknown_target}."""
+    import pyarrow.parquet as pq
+
+    from rrec.metrics import hit_from_ranks, ndcg_from_ranks, scorer_ranks
+    from rrec.prompts import load_user_prompts
+    from rrec.serve.pyfunc import load_recommender
+
+    paths = Paths(root)
+    rec = load_recommender(model_uri)
+    items = pq.read_table(paths.items_file, columns=["item_id", "parent_asin"]).to_pydict()
+    asin = dict(zip(items["item_id"], items["parent_asin"], strict=True))
+    chosen = set(load_user_prompts(paths, split).sample_users(params.evaluate.max_users, params.seed).example_ids)
+    rows = [e for e in pq.read_table(paths.split_file(split)).to_pylist() if e["example_id"] in chosen]
+    convs, histories, targets = [], [], []
+    for e in rows:
+        target = rec.catalogue.id_of_asin(asin[e["target_item_id"]])
+        known = [(j, r, t) for i, r, t in zip(e["history_item_ids"], e["history_ratings"], e["history_timestamps"],
+                                               strict=True)
+                 if (j := rec.catalogue.id_of_asin(asin[i])) is not None]
+        if target is None or not known:
+            continue
+        now = int(e["target_timestamp"])
+        parsed = rec.parse_history([{"item_id": j, "rating": r, "timestamp": int(t)} for j, r, t in known], now)
+        convs.append(rec.conversation(parsed, now))
+        histories.append(parsed.item_ids)
+        targets.append(target)
+    n = len(rows)
+    out: dict[str, float] = {"n": float(n), "n_unknown_target": float(n - len(targets))}
+    if not targets:
+        return {**out, **{f"{m}@{k}": 0.0 for k in params.evaluate.ks for m in ("ndcg", "hit")}}
+    states, _ = rec.user_states(convs)
+    ranks = scorer_ranks(lambda idx: rec.table.score(states[idx], rec.model.tau), histories, targets,
+                         batch_size=256, progress=False)
+    for k in params.evaluate.ks:  # the examples left out are misses: they add 0 to the sums
+        out[f"ndcg@{k}"] = float(ndcg_from_ranks(ranks, k).sum()) / n
+        out[f"hit@{k}"] = float(hit_from_ranks(ranks, k).sum()) / n
+    return out
+
+
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(root: str, params_path: str, version: int, before: dict[str, Any]) -> dict[str, Any]:
-    """Promote `version` if it beats the champion `before` this run. The evaluate stage may
-    already have promoted it during `dvc repro`; either way `promoted` says whether the
-    champion changed to this version in this retraining."""
+    """Promote `version` if it beats the champion `before` this run on the same test split.
+    When the champion was scored on another split (the window moved), it is scored again
+    on the challenger's split, from the registry, and that figure decides; both figures
+    and the split's digest are tagged on the two versions. The evaluate stage may already
+    have promoted `version` during `dvc repro` (same split); either way `promoted` says
+    whether the champion changed to this version in this retraining."""
     from rrec import registry
 
     root_path = Path(root)
-    name = registry.model_name(load_params(root_path / params_path).data.category)
+    params = load_params(root_path / params_path)
+    name = registry.model_name(params.data.category)
     challenger = registry.version_metric(name, version, root=root_path)
-    registry.promote_if_better(name, version, root=root_path)
+    split = registry.version_split(name, version, root_path)
+    champion_score, values = before["ndcg10"], {}
+    if before["version"] is not None and before["version"] != version and split is not None \
+            and registry.version_split(name, before["version"], root_path) != split:
+        # both scored here, the same way, on the challenger's split
+        champion_score = score_on_split(f"models:/{name}/{before['version']}", root_path, params)["ndcg@10"]
+        challenger = score_on_split(f"models:/{name}/{version}", root_path, params)["ndcg@10"]
+        values = {"champion_value": champion_score, "challenger_value": challenger}
+        get_run_logger().info(
+            "test split %s: champion v%s NDCG@10 %.6g (%s on its own split), challenger v%s %.6g",
+            split, before["version"], champion_score, before["ndcg10"], version, challenger)
+        registry.tag_version(name, before["version"], f"{registry.METRIC}.{split}", repr(champion_score), root_path)
+    if split is not None:
+        registry.tag_version(name, version, registry.SPLIT_TAG, split, root_path)
+        registry.tag_version(name, version, f"{registry.METRIC}.{split}", repr(challenger), root_path)
+    registry.promote_if_better(name, version, root=root_path, **values)
     now = registry.champion_version(name, root=root_path)
     promoted = now == version and before["version"] != version
-    return {"challenger_ndcg10": challenger, "champion_ndcg10": before["ndcg10"], "promoted": promoted}
+    return {"challenger_ndcg10": challenger, "champion_ndcg10": champion_score,
+            "champion_ndcg10_recorded": before["ndcg10"], "test_split": split, "promoted": promoted}
 
 
 @flow(name="retrain")
@@ -158,9 +222,10 @@ def retrain_flow(
     best test NDCG@10 is the challenger: it becomes a new version of `rrec-<category>`
     and the `champion` only if it beats the current champion strictly.
 
-    Returns {version, promoted, challenger_ndcg10, champion_ndcg10, method, run_id,
-    window_end}; `champion_ndcg10` is that of the champion the challenger was compared
-    with (None when there was none). When nothing changed, DVC skips every stage and the
+    Returns {version, promoted, challenger_ndcg10, champion_ndcg10, champion_ndcg10_recorded,
+    test_split, method, run_id, window_end}; `champion_ndcg10` is the champion's figure on
+    the challenger's test split (`test_split`, its digest), `champion_ndcg10_recorded` the
+    one on its own split (None when there was no champion). When nothing changed, DVC skips every stage and the
     same version is compared with itself, which changes nothing.
     """
     logger = get_run_logger()

@@ -9,6 +9,7 @@ which version replaced it and when.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 from pathlib import Path
 
@@ -27,6 +28,8 @@ CHALLENGER = "challenger"
 METRIC = "test_ndcg_at_10"
 REPLACED_BY_TAG = "rrec.replaced_by"
 REPLACED_AT_TAG = "rrec.replaced_at"
+# on a run: the digest of the test split its test metrics were measured on
+SPLIT_TAG = "rrec.test_split_digest"
 
 
 def model_name(category: str) -> str:
@@ -124,6 +127,21 @@ def version_metric(
     return run_metric(mv.run_id, metric, root) if mv.run_id else None
 
 
+def split_digest(split_file: Path, max_users: int | None = None, seed: int = 0) -> str:
+    """What a test figure was measured on: the split file's bytes and the users sampled
+    from it (`evaluate.max_users`, `seed`), as 16 hex digits."""
+    h = hashlib.sha256(Path(split_file).read_bytes())
+    h.update(f"max_users={max_users};seed={seed if max_users is not None else ''}".encode())
+    return h.hexdigest()[:16]
+
+
+def version_split(name: str, version: int | str, root: Path | None = None) -> str | None:
+    """The test split digest the run behind a version was scored on (None: not recorded)."""
+    client = _client(root)
+    mv = client.get_model_version(name, str(version))
+    return client.get_run(mv.run_id).data.tags.get(SPLIT_TAG) if mv.run_id else None
+
+
 def champion_version(name: str, root: Path | None = None) -> int | None:
     return _version_by_alias(_client(root), name, CHAMPION)
 
@@ -138,13 +156,20 @@ def champion_metric(name: str, metric: str = METRIC, root: Path | None = None) -
 
 
 def promote_if_better(
-    name: str, version: int | str, metric: str = METRIC, root: Path | None = None
+    name: str, version: int | str, metric: str = METRIC, root: Path | None = None,
+    *, champion_value: float | None = None, challenger_value: float | None = None,
 ) -> bool:
     """Make `version` the challenger, and the champion if its metric strictly beats the
-    champion's (or there is no champion yet). Returns whether it became the champion."""
+    champion's (or there is no champion yet). Returns whether it became the champion.
+
+    The two figures must be measured on the same test split: `champion_value` and
+    `challenger_value` are the two models' figures on one split; without them, the champion's recorded
+    figure is used only when both runs recorded the same split (`SPLIT_TAG`, or neither
+    did), else the champion is kept and the challenger waits for a comparison on one split
+    (the retraining flow scores the champion on the new split)."""
     client = _client(root)
     version = int(version)
-    challenger = version_metric(name, version, metric, root)
+    challenger = challenger_value if challenger_value is not None else version_metric(name, version, metric, root)
     if challenger is None:
         raise ValueError(
             f"model {name} version {version}: its run has no metric {metric!r}, so it cannot "
@@ -156,7 +181,15 @@ def promote_if_better(
         log.info("%s version %d is already the champion", name, version)
         return False
     client.set_registered_model_alias(name, CHALLENGER, str(version))
-    best = None if current is None else version_metric(name, current, metric, root)
+    if current is not None and champion_value is None:
+        ours, theirs = version_split(name, version, root), version_split(name, current, root)
+        if ours != theirs:
+            log.warning("%s: champion v%d was scored on test split %s, challenger v%d on %s; not compared "
+                        "here (the retraining flow scores the champion on the new split)",
+                        name, current, theirs, version, ours)
+            return False
+    best = champion_value if champion_value is not None else (
+        None if current is None else version_metric(name, current, metric, root))
     if current is not None and best is None:
         log.warning("%s champion version %d has no %s; replacing it", name, current, metric)
     if best is not None and not challenger > best:

@@ -313,14 +313,14 @@ def metric_names(metrics: dict[str, float], prefix: str = "") -> dict[str, float
 
 def log_evaluation(
     run_id: str, results: dict[str, dict[str, float]], samples: list[dict[str, Any]], report_file: Path,
-    root: Path | None = None, seconds: float | None = None,
+    root: Path | None = None, seconds: float | None = None, tags: dict[str, str] | None = None,
 ) -> None:
     """A trained policy's evaluation into its training run, without reopening it (its
     start and end stay those of the training): the kept model's figures under names of
     their own, `best_valid_<metric>` and `test_<metric>` (the `valid_<metric>` curves are
     the training's), the evaluation's duration (`evaluate_seconds`), the test reasoning
-    samples as a table and the metrics file."""
-    from mlflow.entities import Metric
+    samples as a table, the metrics file and `tags`."""
+    from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=configure(root))
@@ -329,7 +329,8 @@ def log_evaluation(
     logged = {k: v for split, m in results.items() for k, v in metric_names(m, names.get(split, f"{split}_")).items()}
     if seconds is not None:
         logged["evaluate_seconds"] = round(seconds, 1)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in logged.items()])
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in logged.items()],
+                     tags=[RunTag(k, v) for k, v in (tags or {}).items()])
     client.log_table(run_id, {k: [s[k] for s in samples] for k in samples[0]} if samples else {},
                      "test_reasoning_samples.json")
     client.log_artifact(run_id, str(report_file))

@@ -437,8 +437,8 @@ def test_retrain_keeps_the_champion_when_the_challenger_is_worse(
     worse = retrain_flow(root=str(root))
     assert worse == {
         "version": 3, "promoted": False, "challenger_ndcg10": pytest.approx(0.15),
-        "champion_ndcg10": pytest.approx(0.20), "method": "contrastive",
-        "run_id": worse["run_id"], "window_end": "2023-06-30",
+        "champion_ndcg10": pytest.approx(0.20), "champion_ndcg10_recorded": pytest.approx(0.20),
+        "test_split": None, "method": "contrastive", "run_id": worse["run_id"], "window_end": "2023-06-30",
     }
     assert (root / "params.yaml").read_text() == SMALL_PARAMS  # the date did not move
 

@@ -76,7 +76,9 @@ def evaluate_stage(params: Params, paths: Paths, method: str, *, register: bool 
     # own in the baselines stage
     run_id = summary.get("mlflow_run_id")
     if run_id:
-        tracking.log_evaluation(run_id, results, samples, out / "metrics.json", paths.root, seconds=seconds)
+        digest = registry.split_digest(paths.split_file("test"), params.evaluate.max_users, params.seed)
+        tracking.log_evaluation(run_id, results, samples, out / "metrics.json", paths.root, seconds=seconds,
+                                tags={registry.SPLIT_TAG: digest})
         if register:
             report["registered"] = registry.register_and_promote(
                 run_id, params.data.category, root=paths.root,
