@@ -45,3 +45,20 @@ def test_cli_prints_titles_and_no_loading_bars(trained) -> None:  # noqa: F811
     catalogue = Catalogue.read(catalogue_file)
     for j in (0, 1):
         assert f"[{j}] {catalogue.title(j)} ({catalogue.parent_asin(j)})" in result.output
+
+
+def test_the_mlflow_model_carries_an_input_example_that_it_answers(trained, tmp_path) -> None:  # noqa: F811
+    import json
+
+    import mlflow
+
+    from rrec.serve.pyfunc import INPUT_EXAMPLE, save_pyfunc
+
+    params, paths = trained
+    out = save_pyfunc(params, paths, "recpo", tmp_path / "model")
+    model = mlflow.pyfunc.load_model(str(out))
+    info = model.metadata.saved_input_example_info
+    assert info is not None and json.loads((out / info["artifact_path"]).read_text())
+    assert model.metadata.signature is None  # the model checks its input itself
+    answer = model.predict(INPUT_EXAMPLE)
+    assert len(answer) == 1 and len(answer[0]["items"]) == 5

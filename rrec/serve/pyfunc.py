@@ -142,6 +142,12 @@ def load_recommender(model_uri: str) -> Recommender:
     return inner.recommender
 
 
+# Shown with the model in MLflow and used by `mlflow models serve`'s example request. No
+# signature is declared: MLflow would enforce it and change what a request may be (one
+# object, histories of objects, `k` on some rows only); the predict method checks input.
+INPUT_EXAMPLE = [{"history": [0, 1, 2], "k": 5}]
+
+
 def _requirements() -> list[str]:
     out = []
     for name in _REQUIREMENTS:
@@ -181,6 +187,8 @@ def save_pyfunc(params: Params, paths: Paths, method: str, out_dir: Path, *, upd
             artifacts=_artifacts(params, paths, method, updates, Path(tmp)),
             pip_requirements=_requirements(),
             metadata={"rrec_method": method, "category": params.data.category},
+            input_example=INPUT_EXAMPLE,
+            signature=False,
         )
     return Path(out_dir)
 
@@ -233,6 +241,8 @@ def log_pyfunc(
                 artifacts=artifacts,
                 pip_requirements=_requirements(),
                 metadata={"rrec_method": method, "category": params.data.category},
+                input_example=INPUT_EXAMPLE,
+                signature=False,
                 registered_model_name=registered_model_name,
             )
     if registered_model_name is not None and info.registered_model_version is not None:
