@@ -61,62 +61,79 @@ def _top_layers(decoder: nn.Module, depth: int) -> Iterator[None]:
 
 
 class FrozenItemStates:
-    """States at the first trained layer's input, by item prompt (token ids)."""
+    """States at the first trained layer's input, by item prompt (token ids). Item prompts
+    share a head (chat template, instruction): `prefix`, run through the whole decoder
+    once per call as in `RecModel.encode_after_prefix`; only what follows it is kept."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, prefix: Sequence[int] = ()) -> None:
         if depth < 1:
             raise ValueError("nothing is frozen: there are no states to keep")
         self.depth = depth
+        self.prefix = tuple(prefix)
         self.states: dict[tuple[int, ...], torch.Tensor] = {}
 
+    @torch.no_grad()
     def encode(self, rec: RecModel, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        """`rec.encode(sequences)`: kept states run through the trained layers only; the
-        others by a full pass that keeps theirs. Gradients as the caller's context."""
+        """`rec.encode(sequences)` (no gradient): kept states run through the trained
+        layers only; the others by a full pass that keeps theirs."""
+        n = len(self.prefix)
+        if any(tuple(s[:n]) != self.prefix or len(s) <= n for s in sequences):
+            raise ValueError("every item prompt must start with the shared prefix and go on after it")
         keys = [tuple(s) for s in sequences]
         new = [i for i, k in enumerate(keys) if k not in self.states]
         kept = [i for i, k in enumerate(keys) if k in self.states]
         out: list[torch.Tensor | None] = [None] * len(keys)
         if new:
-            for i, state in zip(new, self._full_pass(rec, [sequences[i] for i in new]), strict=True):
+            for i, state in zip(new, self._full_pass(rec, [keys[i] for i in new]), strict=True):
                 out[i] = state
         if kept:
-            states = self._top_pass(rec, [keys[i] for i in kept])
-            for i, state in zip(kept, states, strict=True):
+            for i, state in zip(kept, self._top_pass(rec, [keys[i] for i in kept]), strict=True):
                 out[i] = state
         return torch.stack(out)  # type: ignore[arg-type]
 
-    def _full_pass(self, rec: RecModel, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        ids, mask = rec.pad(sequences)
+    def _full_pass(self, rec: RecModel, keys: Sequence[tuple[int, ...]]) -> torch.Tensor:
         seen: list[torch.Tensor] = []
 
         def keep(_module: nn.Module, args: tuple) -> None:
-            seen.append(args[0].detach())
+            seen.append(args[0])
 
         layer = rec.lm.get_decoder().layers[self.depth]
         handle = layer.register_forward_pre_hook(keep)
         try:
-            states = rec.answer_states(ids, mask)
+            if self.prefix:
+                states = rec.encode_after_prefix(rec.shared_prefix(self.prefix), keys)
+                seen = seen[1:]  # the prefix's own pass
+            else:
+                states = rec.encode(keys)
         finally:
             handle.remove()
-        lengths = mask.sum(dim=1).tolist()
-        for row, (seq, n) in enumerate(zip(sequences, lengths, strict=True)):
-            self.states[tuple(seq)] = seen[0][row, :n].clone()  # right-padded: real tokens first
+        n = len(self.prefix)
+        for row, key in enumerate(keys):  # right-padded: the real tokens come first
+            self.states[key] = seen[0][row, : len(key) - n].clone()
         return states
 
     def _top_pass(self, rec: RecModel, keys: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        n = len(self.prefix)
         kept = [self.states[k] for k in keys]
-        width = max(len(k) for k in keys)
+        width = max(len(s) for s in kept)
         x = kept[0].new_zeros((len(kept), width, kept[0].shape[-1]))
         mask = torch.zeros((len(kept), width), dtype=torch.long, device=x.device)
         for row, s in enumerate(kept):
             x[row, : len(s)] = s
             mask[row, : len(s)] = 1
         answer = rec.answer_token_id
-        last = [max(i for i, t in enumerate(k) if t == answer) for k in keys]
+        last = [max(i for i, t in enumerate(k) if t == answer) - n for k in keys]
         rows = torch.tensor([r * width + p for r, p in enumerate(last)], device=x.device)
+        positions = n + torch.arange(width, device=x.device).expand(len(kept), -1)
+        inputs: dict = {"inputs_embeds": x, "position_ids": positions, "use_cache": bool(n)}
+        if n:  # the prefix's keys and values in the trained layers change with them: recomputed
+            cache = rec.shared_prefix(self.prefix).cache
+            cache.batch_repeat_interleave(len(kept))
+            inputs["past_key_values"] = cache
+            inputs["attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1)
         decoder = rec.lm.get_decoder()
-        positions = torch.arange(width, device=x.device).expand(len(kept), -1)
-        # right-padded: a real token only attends to earlier real tokens (RecModel.forward)
+        # without a prefix and right-padded, a real token only attends to earlier real
+        # tokens, so no padding mask is needed (RecModel.forward)
         with _top_layers(decoder, self.depth), last_layer_only_at(decoder, rows):
-            hidden = decoder(inputs_embeds=x, position_ids=positions, use_cache=False).last_hidden_state
+            hidden = decoder(**inputs).last_hidden_state
         return hidden.flatten(0, 1)[rows]

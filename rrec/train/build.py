@@ -21,7 +21,7 @@ from rrec.model.frozen_layers import FrozenItemStates, frozen_depth
 from rrec.model.generation import RolloutEngine, make_engine
 from rrec.model.item_table import ItemTable
 from rrec.model.loading import TABLE_DIR, new_policy, start_from_trained
-from rrec.model.two_headed import RecModel
+from rrec.model.two_headed import RecModel, shared_prefix_length
 from rrec.paths import Paths
 from rrec.prompts import UserPrompts, load_user_prompts
 from rrec.train.steps import ContrastiveStep, RecPOStep, StepContext
@@ -125,20 +125,22 @@ def build_training(
     start = starting_point(params, paths, method)
     if start is not None:
         start_from_trained(policy, start)
-    depth = frozen_depth(policy) if params.train.keep_frozen_item_states else 0
-    if depth:
-        policy.frozen_items = FrozenItemStates(depth)
     users = load_user_prompts(paths, "train")
     reasoning = method == "recpo"
     table = engine = None
     if reasoning:
         table = ItemTable.load(start / TABLE_DIR if start is not None else paths.item_table)
         engine = rollout_engine(params, paths)
+    item_prompt_ids = policy.item_prompt_ids(read_item_prompts(paths.item_prompts_file))
+    depth = frozen_depth(policy) if params.train.keep_frozen_item_states else 0
+    if depth:
+        shared = item_prompt_ids[0][: shared_prefix_length(item_prompt_ids)]
+        policy.frozen_items = FrozenItemStates(depth, shared)
     training = assemble(
         params, method, policy,
         user_prompt_ids=policy.user_prompt_ids(users.conversations, answer=not reasoning),
         histories=users.histories, targets=users.targets,
-        item_prompt_ids=policy.item_prompt_ids(read_item_prompts(paths.item_prompts_file)),
+        item_prompt_ids=item_prompt_ids,
         table=table, engine=engine, accelerator=accelerator,
     )
     return training, users
