@@ -62,3 +62,21 @@ def test_the_mlflow_model_carries_an_input_example_that_it_answers(trained, tmp_
     assert model.metadata.signature is None  # the model checks its input itself
     answer = model.predict(INPUT_EXAMPLE)
     assert len(answer) == 1 and len(answer[0]["items"]) == 5
+
+
+def test_logging_a_model_into_a_finished_run_keeps_its_duration(trained, store, monkeypatch) -> None:  # noqa: F811
+    import json
+
+    from mlflow import MlflowClient
+
+    from rrec.model.loading import TRAIN_SUMMARY
+    from rrec.serve.pyfunc import log_pyfunc
+
+    params, paths = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    run_id = json.loads((paths.trained("recpo") / TRAIN_SUMMARY).read_text())["mlflow_run_id"]
+    before = MlflowClient(store).get_run(run_id).info
+    assert before.end_time
+    log_pyfunc(params, paths, "recpo")
+    after = MlflowClient(store).get_run(run_id).info
+    assert (after.status, after.end_time) == (before.status, before.end_time)

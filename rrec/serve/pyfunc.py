@@ -226,6 +226,9 @@ def log_pyfunc(
     with tempfile.TemporaryDirectory(prefix="rrec-pyfunc-") as tmp:
         artifacts = _artifacts(params, paths, method, updates, Path(tmp))
         active = mlflow.active_run()
+        # a finished run keeps its end (its duration is its training's) when a model is added
+        ended = None if run_id is None or (active is not None and active.info.run_id == run_id) \
+            else mlflow.get_run(run_id).info
         run_cm = (
             contextlib.nullcontext()
             if active is not None and active.info.run_id == run_id
@@ -245,6 +248,8 @@ def log_pyfunc(
                 signature=False,
                 registered_model_name=registered_model_name,
             )
+        if ended is not None and ended.end_time:
+            mlflow.MlflowClient().set_terminated(run_id, ended.status, ended.end_time)
     if registered_model_name is not None and info.registered_model_version is not None:
         return f"models:/{registered_model_name}/{info.registered_model_version}"
     return info.model_uri
