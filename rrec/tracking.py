@@ -329,7 +329,19 @@ def log_evaluation(
     logged = {k: v for split, m in results.items() for k, v in metric_names(m, names.get(split, f"{split}_")).items()}
     if seconds is not None:
         logged["evaluate_seconds"] = round(seconds, 1)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in logged.items()],
+    run = client.get_run(run_id)
+    # the figures also appear on the run's logged model, the test ones against the test split
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    model_id = max(models, key=lambda m: m.creation_timestamp).model_id if models else None
+    test_set = next((d.dataset for d in run.inputs.dataset_inputs if d.dataset.name.endswith("-test")), None)
+
+    def metric(key: str, value: float) -> Metric:
+        on_test = test_set is not None and key.startswith("test_")
+        return Metric(key, value, now, 0, model_id=model_id, run_id=run_id,
+                      dataset_name=test_set.name if on_test else None,
+                      dataset_digest=test_set.digest if on_test else None)
+
+    client.log_batch(run_id, metrics=[metric(k, v) for k, v in logged.items()],
                      tags=[RunTag(k, v) for k, v in (tags or {}).items()])
     client.log_table(run_id, {k: [s[k] for s in samples] for k in samples[0]} if samples else {},
                      "test_reasoning_samples.json")

@@ -43,6 +43,27 @@ def test_evaluation_logs_the_kept_model_under_its_own_names_without_reopening_th
     assert {"metrics.json", "test_reasoning_samples.json"} <= files
 
 
+def test_the_logged_model_shows_the_kept_figures_once_against_the_test_split(tmp_path: Path) -> None:
+    _write_splits(tmp_path)
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+            return model_input
+
+    with tracking.start_run(PARAMS, "train", run_name="recpo", root=tmp_path) as run:
+        tracking.log_metrics({"ndcg@10": 0.04}, step=50, prefix="valid_")
+        model = mlflow.pyfunc.log_model(name="recommender", python_model=Echo())
+    report = tmp_path / "metrics.json"
+    report.write_text("{}\n")
+    tracking.log_evaluation(run.info.run_id, {"valid": {"ndcg@10": 0.04}, "test": {"ndcg@10": 0.035}}, [],
+                            report, tmp_path)
+    metrics = MlflowClient().get_logged_model(model.model_id).metrics
+    names = [m.key for m in metrics]
+    assert sorted(names) == sorted(set(names)) and {"best_valid_ndcg_at_10", "test_ndcg_at_10"} <= set(names)
+    test = next(m for m in metrics if m.key == "test_ndcg_at_10")
+    assert test.dataset_name == "Video_Games-test" and test.dataset_digest
+
+
 def _write_splits(root: Path) -> None:
     import pandas as pd
 
