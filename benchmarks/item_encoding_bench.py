@@ -15,6 +15,13 @@ weights); the prompts are `data/prompts/items.parquet` when present, else synthe
 prompts worded like the real ones.
 
     python benchmarks/item_encoding_bench.py [--params params.yaml] [--n-items 1000] [--threads 1]
+    python benchmarks/item_encoding_bench.py --backbone smollm2-135m --build-into /tmp/bench_sm
+
+`--backbone` (`benchmarks/bench_project.py`): the project at `--root` (default: the
+current folder) when its params name that backbone, else a project built with it by the
+stage functions (sample data and its item prompts, the backbone stage) in `--build-into`
+or a temporary folder; a `--root` or `--params` named on the command line with another
+backbone is refused.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_project  # this folder's helper: --backbone, the project
 import torch
 
-from rrec.config import load_params
+from rrec.config import Params, load_params
 from rrec.items import encode_items, read_item_prompts
 from rrec.model import RecModel, load_model_and_tokenizer
 from rrec.model.backbone import build_tiny_model
@@ -63,8 +71,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
-    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--params", type=Path, default=None, help="default: ROOT/params.yaml")
+    ap.add_argument("--root", type=Path, default=None, help="the project (default: .)")
+    bench_project.add_arguments(ap)
     ap.add_argument("--n-items", type=int, default=1000)
     ap.add_argument("--naive-items", type=int, default=300, help="items timed in the naive loop")
     ap.add_argument("--batch-size", type=int, default=None, help="default: items.batch_size")
@@ -85,8 +94,21 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = load_params(args.params)
-    paths = Paths(args.root)
+    with bench_project.Workspace(args.build_into, "item_encoding_bench_") as ws:
+        root = args.root or Path(".")
+        params_file = args.params or root / "params.yaml"
+        backbone, use_root = bench_project.choose(
+            root, args.backbone, explicit=args.root is not None or args.params is not None,
+            params_file=params_file,
+        )  # fmt: skip
+        if use_root:
+            params, paths = load_params(params_file), Paths(root)
+        else:
+            params, paths = bench_project.build_project(ws.project, backbone, items=False)
+        bench(args, params, paths)
+
+
+def bench(args: argparse.Namespace, params: Params, paths: Paths) -> None:
     device = torch.device(args.device)
     batch_size = args.batch_size or params.items.batch_size
 

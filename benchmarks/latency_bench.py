@@ -24,6 +24,15 @@ decoder exported and compiled ahead of time by AOTInductor (`rrec.model.aot`); t
 second pass stays on the `torch.compile`d (with `--compile`) or eager decoder, its
 fastest form for one full pass. The warm-up batches also pay the compilations.
 
+`--backbone` (`benchmarks/bench_project.py`): the project at `--root` (default: the
+current folder) when its params name that backbone, else a project built with it by the
+stage functions in `--build-into` or a temporary folder, where the method is trained for
+two steps first (latency depends on the weights only through the reasoning they write;
+the reasoning lengths are printed). A `--root` named on the command line with another
+backbone is refused.
+
+    python benchmarks/latency_bench.py --backbone smollm2-135m --build-into /tmp/bench_sm
+
 Target: unified >= 1.25x faster at batch size 1 and never slower at 4 and 8.
 """
 
@@ -36,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import bench_project  # this folder's helper: --backbone, the project
 import torch
 from tqdm.auto import tqdm
 
@@ -99,8 +109,9 @@ def timed(fn: Callable[[Batch], tuple[torch.Tensor, Batch]], batch: Batch) -> tu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--root", type=Path, default=None, help="the project (default: .)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="relative to --root")
+    bench_project.add_arguments(ap)
     ap.add_argument("--method", default="recpo")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
@@ -121,9 +132,23 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    with bench_project.Workspace(args.build_into, "latency_bench_") as ws:
+        root = args.root or Path(".")
+        backbone, use_root = bench_project.choose(
+            root, args.backbone, explicit=args.root is not None, params_file=root / args.params
+        )
+        if use_root:
+            params_file = root / args.params
+        else:
+            _, built = bench_project.build_project(ws.project, backbone)
+            bench_project.ensure_trained(built, [args.method])
+            root, params_file = built.root, built.root / "params.yaml"
+        bench(args, params_file, Paths(root))
+
+
+def bench(args: argparse.Namespace, params_file: Path, paths: Paths) -> None:
     overrides = {"model.compile": args.compile, "model.aot_single_requests": args.aot}
-    params = load_params(args.root / args.params, {k: v for k, v in overrides.items() if v is not None})
-    paths = Paths(args.root)
+    params = load_params(params_file, {k: v for k, v in overrides.items() if v is not None})
     rec = Recommender.from_dir(params, paths, args.method, device=args.device)
     if not rec.reasoning:
         raise SystemExit(f"method {args.method!r} was trained without reasoning; benchmark a recpo model")

@@ -12,17 +12,26 @@ onto one direction). Nothing is written to the project.
     # control for RecPO: the contrastive model trained on as RecPO is (75 steps at its lr)
     python benchmarks/learning_curves.py contrastive '{"steps": 75, "every": 25, "from_trained": "contrastive", "train.lr": 1e-4}'
 
+`--backbone` (`benchmarks/bench_project.py`): the project at `ROOT` (default: the
+current folder) when its params name that backbone, else a project built with it by the
+stage functions in `--build-into` or a temporary folder (with a two-step contrastive
+model when RecPO starts from it). A `ROOT` set in the environment with another backbone
+is refused:
+
+    python benchmarks/learning_curves.py contrastive '{"steps": 20, "every": 10}' --backbone smollm2-135m
+
 Keys other than steps, every and from_trained (start from models/trained/<method>, as
 `train.recpo.init` does for RecPO) are dotted params overrides.
 """
 
+import argparse
+import atexit
 import json
 import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 
+import bench_project  # this folder's helper: --backbone, the project
 import numpy as np
 import torch
 
@@ -35,15 +44,30 @@ from rrec.ranking import evaluate_policy
 from rrec.train.build import build_training
 from rrec.train.loop import epoch_batches
 
-method = sys.argv[1]
-ov = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("method", choices=["contrastive", "recpo"])
+ap.add_argument("overrides", nargs="?", default="{}", help="JSON: steps, every, from_trained, dotted params")
+bench_project.add_arguments(ap)
+args = ap.parse_args()
+method = args.method
+ov = json.loads(args.overrides)
 steps = int(ov.pop("steps", 200))
 every = int(ov.pop("every", 50))
 from_trained = ov.pop("from_trained", None)
 
-ROOT = os.environ.get("ROOT", ".")
-params = load_params(ROOT + "/params.yaml", ov)
-paths = Paths(Path(ROOT))
+workspace = bench_project.Workspace(args.build_into, "learning_curves_")
+atexit.register(workspace.__exit__)
+ROOT = Path(os.environ.get("ROOT", "."))
+backbone, use_root = bench_project.choose(ROOT, args.backbone, explicit="ROOT" in os.environ)
+if not use_root:
+    _, built = bench_project.build_project(workspace.project, backbone)
+    ROOT = built.root
+    needs = [from_trained] if from_trained else []
+    if method == "recpo" and load_params(ROOT / "params.yaml", ov).train.recpo.init == "contrastive":
+        needs.append("contrastive")
+    bench_project.ensure_trained(built, needs)
+params = load_params(ROOT / "params.yaml", ov)
+paths = Paths(ROOT)
 training, train = build_training(params, paths, method)
 rec = training.policy
 if from_trained:
@@ -52,7 +76,7 @@ valid = load_user_prompts(paths, "valid")
 item_ids = training.ctx.item_prompt_ids
 reasoning = training.reasoning
 step_fn = training.step
-tmp = Path(tempfile.mkdtemp())
+tmp = workspace.scratch / "tables"
 
 
 def ev(step):

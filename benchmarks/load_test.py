@@ -11,6 +11,12 @@ request has a timeout.
 
     python benchmarks/load_test.py [--root .] [--method recpo] [--clients 8] [--requests 50]
     python benchmarks/load_test.py --url http://127.0.0.1:5000
+    python benchmarks/load_test.py --backbone smollm2-135m --build-into /tmp/bench_sm
+
+`--backbone` (`benchmarks/bench_project.py`): the project at `--root` (default: the
+current folder) when its params name that backbone, else a project built with it by the
+stage functions in `--build-into` or a temporary folder, where the method is trained for
+two steps first. A `--root` named on the command line with another backbone is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import bench_project  # this folder's helper: --backbone, the project
 import requests
 from tqdm.auto import tqdm
 
@@ -92,8 +99,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running server; none is started")
     ap.add_argument("--model-uri", help="serve this MLflow model (default: the project's, saved to a temp dir)")
-    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--root", type=Path, default=None, help="the project (default: .)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="relative to --root")
+    bench_project.add_arguments(ap)
     ap.add_argument("--method", default="recpo")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=50, help="per client")
@@ -107,8 +115,24 @@ def main() -> None:
         help="model.aot_single_requests for the saved model (default: params.yaml's)",
     )
     args = ap.parse_args()
+    with bench_project.Workspace(args.build_into, "load_test_") as ws:
+        root = args.root or Path(".")
+        if args.url is None and args.model_uri is None:
+            backbone, use_root = bench_project.choose(
+                root, args.backbone, explicit=args.root is not None, params_file=root / args.params
+            )
+            if not use_root:
+                _, built = bench_project.build_project(ws.project, backbone)
+                bench_project.ensure_trained(built, [args.method])
+                root, args.params = built.root, Path("params.yaml")
+        elif args.backbone is not None:
+            raise SystemExit("--backbone picks the project whose model is served; with --url or "
+                             "--model-uri the model is already chosen")
+        load(args, root)
 
-    paths = Paths(args.root)
+
+def load(args: argparse.Namespace, root: Path) -> None:
+    paths = Paths(root)
     histories = [h for h in load_user_prompts(paths, "test").histories if h]
     random.Random(args.seed).shuffle(histories)
     if args.url:
@@ -120,7 +144,7 @@ def main() -> None:
             from rrec.serve.pyfunc import save_pyfunc
 
             overrides = {} if args.aot is None else {"model.aot_single_requests": args.aot}
-            params = load_params(args.root / args.params, overrides)
+            params = load_params(root / args.params, overrides)
             model_uri = str(save_pyfunc(params, paths, args.method, Path(tmp) / "model"))
         with model_server(model_uri, Path(tmp) / "server.log", workers=args.workers, start_timeout=args.start_timeout) as url:
             print(f"server answering at {url}", flush=True)

