@@ -32,13 +32,14 @@ SHELL_BUILTINS = {".", "source", "export", "cd", "kill"}
 PYTHONS = {"python", "python3", "python3.11"}
 ALIASES = {"exp": "experiments"}
 
-# commands the slow test runs as written (up to the substitutions it names)
+# commands tests/test_docs_run.py runs as written (up to the substitutions it names), in
+# this order
 RUN = [
     "dvc repro",
     "dvc metrics show",
     "dvc plots show",
-    "dvc exp show",
     "dvc exp run -S train.recpo.beta=0 -S 'train.methods=[recpo]'",
+    "dvc exp show",
     "python -m flows.pipeline run",
     "rrec recommend --method recpo --history 12,40,7 --k 10",
     "rrec recommend --method recpo --input histories.jsonl --json",
