@@ -206,8 +206,8 @@ def test_item_cleaning_rules_and_counts(tmp_path: Path) -> None:
     assert items["A14"]["price"] == 12.99 and items["A15"]["price"] == 12.0
     assert items["A16"]["title"] == "First valid" and items["A16"]["price"] == 1.5
     assert items["A17"]["title"] == "Valid second"
-    assert items["A18"]["title"] == '"Cafe" Racer\'s Edition'  # accents folded, quotes kept
-    assert items["A19"]["title"] == "ZeldaTM ABC 'Quoted' \"x\" >"
+    assert items["A18"]["title"] == "Cafe Racer's Edition"  # accents folded, the apostrophe kept
+    assert items["A19"]["title"] == "ZeldaTM ABC Quoted x >"
     assert items["A20"]["title"] == "Tom &amp; Jerry"  # one level of escaping only
     assert items["A21"]["title"] == "5 < 6 Edition Two"  # not a tag: kept
     a15 = items["A15"]
@@ -232,7 +232,7 @@ def test_title_words_are_counted_before_non_ascii_becomes_spaces(tmp_path: Path)
     items = items_by_asin(Paths(tmp_path))
     assert set(items) == {"G1", "G3"}
     assert items["G1"]["title"] == title20.replace("\u00f4", "o")  # the prompt text: accents folded
-    assert items["G3"]["title"] == '"' + " ".join(f"n{i}" for i in range(20)) + '"'
+    assert items["G3"]["title"] == " ".join(f"n{i}" for i in range(20))
 
 
 def test_text_cleaning_spaces_every_control_and_non_ascii_character() -> None:

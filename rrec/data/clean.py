@@ -24,7 +24,8 @@ The rules, in the order they are applied to one metadata line:
 The title an item keeps (for prompts and serving) is the text of the unescaped title,
 tags dropped, with accents folded instead of lost: Unicode NFKD, combining marks dropped
 ("Édition Spéciale" becomes "Edition Speciale", "™" "TM"), then what is still not
-printable ASCII to spaces, spaces collapsed; quotes stay ("Hero&#39;s" becomes "Hero's").
+printable ASCII to spaces, spaces collapsed; `"` is removed, and `'` too unless it is an
+apostrophe between letters or digits ("Hero&#39;s" becomes "Hero's").
 Which items are kept is decided by the authors' form above, so the window is theirs.
 
 An item's other text fields (description[] and features[] joined with spaces,
@@ -144,8 +145,12 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
             "lambda t: t IN ('VARCHAR', 'NULL')))), false)"
         ),
         "rrec_clean_text(s)": "coalesce(rrec_squash(rrec_fold_if(rrec_drop_tags(rrec_unescape_if(s)))), '')",
-        # The title an item keeps, of the unescaped title: the text, accents folded.
-        "rrec_text_title(s)": "rrec_squash(rrec_fold_if(rrec_drop_tags(s)))",
+        # The title an item keeps, of the unescaped title: the text without double quotes,
+        # and without single quotes but apostrophes (between letters or digits), accents folded.
+        "rrec_text_title(s)": (
+            "rrec_squash(regexp_replace(regexp_replace(rrec_fold_if(replace(rrec_drop_tags(s), '\"', '')), "
+            "'(^|[^[:alnum:]])''+', '\\1', 'g'), '''+([^[:alnum:]]|$)', '\\1', 'g'))"
+        ),
         # Takes the already unescaped title (the span check needs that one too).
         "rrec_strip_title(s)": "replace(replace(rrec_drop_tags(s), '\"', ''), '''', '')",
         "rrec_clean_unescaped_title(s)": "rrec_squash(rrec_strip_title(s))",
