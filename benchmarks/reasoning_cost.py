@@ -29,7 +29,8 @@ import torch
 
 from rrec.config import load_params
 from rrec.metrics import paired_difference
-from rrec.model.loading import load_trained_policy
+from rrec.model.item_table import ItemTable
+from rrec.model.loading import load_trained_policy, policy_from_adapter
 from rrec.paths import Paths
 from rrec.prompts import load_user_prompts
 from rrec.ranking import evaluate_policy
@@ -39,7 +40,11 @@ def measure(root: Path, method: str, tokens: int) -> None:
     params = load_params(root / "params.yaml")
     torch.set_num_threads(params.threads)
     paths = Paths(root)
-    rec, table = load_trained_policy(params, paths.backbone, paths.trained(method))
+    if method == "backbone":  # zero-shot: the untrained backbone and the items stage's table
+        rec = policy_from_adapter(params, paths.backbone, None)
+        table = ItemTable.load(paths.item_table)
+    else:
+        rec, table = load_trained_policy(params, paths.backbone, paths.trained(method))
     for split in ("valid", "test"):
         users = load_user_prompts(paths, split)
         ranks = {}
@@ -60,7 +65,8 @@ def measure(root: Path, method: str, tokens: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("method", nargs="?", default="contrastive")
+    ap.add_argument("method", nargs="?", default="contrastive",
+                    help="a trained method, or backbone: the untrained backbone (zero-shot)")
     ap.add_argument("tokens", nargs="?", type=int, default=8, help="greedy reasoning tokens")
     bench_project.add_arguments(ap)
     args = ap.parse_args()
@@ -69,7 +75,8 @@ def main() -> None:
         backbone, use_root = bench_project.choose(root, args.backbone, explicit="ROOT" in os.environ)
         if not use_root:
             _, built = bench_project.build_project(ws.project, backbone)
-            bench_project.ensure_trained(built, [args.method])
+            if args.method != "backbone":
+                bench_project.ensure_trained(built, [args.method])
             root = built.root
         measure(root, args.method, args.tokens)
 

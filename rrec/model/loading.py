@@ -60,14 +60,16 @@ def start_from_trained(rec: RecModel, trained: Path) -> None:
 
 
 def policy_from_adapter(
-    params: Params, backbone_dir: Path, adapter_dir: Path, device: torch.device | str | None = None
+    params: Params, backbone_dir: Path, adapter_dir: Path | None, device: torch.device | str | None = None
 ) -> RecModel:
-    """A trained policy for inference: a LoRA adapter is merged into the weights, which
+    """A trained policy for inference (`adapter_dir` None: the backbone as it is, zero-shot):
+    a LoRA adapter is merged into the weights, which
     gives the same outputs without LoRA's extra matmuls at every linear layer; with
     `model.compile` the decoder is compiled (`RecModel.compile_decoder`); with
     `model.aot_single_requests` single greedy requests use `RecModel.aot_decoder`."""
     lm, tok = load_model_and_tokenizer(params, backbone_dir, device=device)
-    lm = load_adapter(lm, adapter_dir)
+    if adapter_dir is not None:
+        lm = load_adapter(lm, adapter_dir)
     if isinstance(lm, PeftModel):
         lm = lm.merge_and_unload()
     lm.eval()
