@@ -80,3 +80,24 @@ def test_logging_a_model_into_a_finished_run_keeps_its_duration(trained, store, 
     log_pyfunc(params, paths, "recpo")
     after = MlflowClient(store).get_run(run_id).info
     assert (after.status, after.end_time) == (before.status, before.end_time)
+
+
+def test_a_retrained_model_is_logged_despite_catalogue_updates_for_the_last_one(trained, store, monkeypatch) -> None:  # noqa: F811
+    import json
+
+    from rrec.model.loading import TRAIN_SUMMARY
+    from rrec.serve.recommend import SERVING_JSON, serving_dir
+    from rrec.stages.train import log_trained_model
+
+    params, paths = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    stale = serving_dir(paths, "recpo")
+    stale.mkdir(parents=True, exist_ok=True)
+    (stale / SERVING_JSON).write_text(json.dumps({"source": "an earlier training"}))
+    summary = json.loads((paths.trained("recpo") / TRAIN_SUMMARY).read_text())
+    try:
+        log_trained_model(params, paths, "recpo", summary)  # `rrec catalogue ...`, then dvc exp run
+    finally:
+        import shutil
+
+        shutil.rmtree(stale)

@@ -22,7 +22,9 @@ def log_trained_model(params: Params, paths: Paths, method: str, summary: dict[s
     run_id = summary["mlflow_run_id"]
     tracking.configure(paths.root)
     with mlflow.start_run(run_id=run_id):
-        log_pyfunc(params, paths, method, run_id=run_id)
+        # the model just trained, with its own table and the window's items: catalogue
+        # updates in models/serving/ were made for an earlier training
+        log_pyfunc(params, paths, method, run_id=run_id, updates=paths.trained(method))
         mlflow.set_tags({"rrec.best_step": str(summary["best_step"]), "rrec.stopped": str(summary["stopped"])})
         for name in ("train_curves.csv", "valid_curves.csv"):
             f = paths.eval_report(method) / name
