@@ -272,6 +272,8 @@ def test_orchestration_overhead_splits_a_repro_log(
         ("latency_bench.py", ["--root", "{root}"], {}),
         ("reasoning_cost.py", [], {"ROOT": "{root}"}),
         ("learning_curves.py", ["contrastive"], {"ROOT": "{root}"}),
+        ("load_test.py", ["--root", "{root}"], {}),
+        ("quality.py", ["--root", "{root}"], {}),
     ],
 )
 def test_a_named_project_with_another_backbone_is_refused_with_the_reason(
