@@ -34,6 +34,11 @@ app.add_typer(catalogue_app, name="catalogue")
 ParamsOpt = Annotated[str, typer.Option("--params", help="parameter file, relative to --root")]
 RootOpt = Annotated[str, typer.Option("--root", help="project root holding data/ and models/")]
 MethodOpt = Annotated[str, typer.Option("--method", help="the trained method: recpo or contrastive")]
+CatalogueMethodOpt = Annotated[
+    str | None,
+    typer.Option("--method", help="the trained method: recpo or contrastive (default: the one the --publish "
+                                  "alias serves, else recpo)"),
+]
 
 
 def _project(params: str, root: str) -> tuple[Params, Paths]:
@@ -167,10 +172,16 @@ PublishOpt = Annotated[
 ]
 
 
-def _updated(params: str, root: str, method: str, out: Path | None, change: Any, publish: str | None) -> None:
+def _updated(params: str, root: str, method: str | None, out: Path | None, change: Any, publish: str | None) -> None:
+    from transformers.utils import logging as hf_logging
+
     from rrec.serve.recommend import Recommender, serving_dir
 
     p, paths = _project(params, root)
+    hf_logging.disable_progress_bar()
+    if method is None:
+        method = _served_method(p, paths, publish) if publish else None
+        method = method or "recpo"
     target = out if out is not None else serving_dir(paths, method)
     try:
         rec = Recommender.from_dir(p, paths, method, updates=target)
@@ -192,10 +203,21 @@ def _updated(params: str, root: str, method: str, out: Path | None, change: Any,
     typer.echo(json.dumps(report))
 
 
+def _served_method(p: Params, paths: Paths, alias: str) -> str | None:
+    """The method of the model `alias` serves (its version's or its run's `rrec.method`)."""
+    from rrec import registry
+
+    try:
+        version = registry.model_version_by_alias(registry.model_name(p.data.category), alias, paths.root)
+    except RuntimeError as err:  # TrackingUnavailable
+        raise _fail(str(err)) from None
+    return None if version is None else registry.version_method(version, paths.root)
+
+
 @catalogue_app.command("add")
 def catalogue_add(
     meta: Annotated[Path, typer.Option("--meta", help="Amazon 2023 metadata lines (.jsonl or .jsonl.gz)")],
-    method: MethodOpt = "recpo",
+    method: CatalogueMethodOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="default models/serving/<method>/")] = None,
     publish: PublishOpt = None,
     params: ParamsOpt = "params.yaml",
@@ -212,7 +234,7 @@ def catalogue_add(
 @catalogue_app.command("remove")
 def catalogue_remove(
     asin: Annotated[list[str], typer.Option("--asin", help="parent_asin to remove; repeatable")],
-    method: MethodOpt = "recpo",
+    method: CatalogueMethodOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="default models/serving/<method>/")] = None,
     publish: PublishOpt = None,
     params: ParamsOpt = "params.yaml",

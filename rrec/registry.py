@@ -107,6 +107,13 @@ def model_version_by_alias(name: str, alias: str, root: Path | None = None) -> M
         return None
 
 
+def version_method(version: ModelVersion, root: Path | None = None) -> str | None:
+    """The method (`rrec.method`) of a version: its tag, else its run's."""
+    if version.tags.get("rrec.method"):
+        return version.tags["rrec.method"]
+    return _client(root).get_run(version.run_id).data.tags.get("rrec.method") if version.run_id else None
+
+
 def _version_by_alias(client: MlflowClient, name: str, alias: str) -> int | None:
     try:
         return int(client.get_model_version_by_alias(name, alias).version)
