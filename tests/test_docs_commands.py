@@ -61,6 +61,7 @@ FORM_ONLY = {
     "accelerate launch": "DeepSpeed on a GPU (docs/gpu.md)",
     "torchrun": "two training processes (tests/test_train.py runs them)",
     "scripts/real_data.sh": "needs MovieLens 100K (tests/test_real_data.py runs it on a fake copy)",
+    "scripts/smollm2.sh": "the whole pipeline on SmolLM2-135M, over an hour on 2 cores (tests/test_smollm2.py runs its stages on SmolLM2 cut to two layers; tests/test_smollm2_preset.py checks its params)",
     "python scripts/real_data.py": "needs MovieLens 100K (tests/test_real_data.py)",
     "dvc exp run -S data.source=amazon2023": "the MovieLens experiment (docs/real_data.md), ~17 min",
     "prefect": "a Prefect server and worker (tests/test_flows.py runs the flows on a test server)",
