@@ -83,9 +83,9 @@ def prepare(out: Path, pretrain_steps: int | None = None) -> dict[str, Any]:
     from rrec.data.download import run_download
     from rrec.data.window import run_window
     from rrec.items import run_items
-    from rrec.stages.backbone import backbone_stage
     from rrec.paths import Paths
     from rrec.prompts import run_prompts
+    from rrec.stages.backbone import backbone_stage
 
     overrides = dict(PREPARE_OVERRIDES)
     if pretrain_steps is not None:
