@@ -16,12 +16,21 @@ from rrec.config import parse_params
 from tests.test_flows import PIPELINE_STAGES, fake_dvc, prefect_api  # noqa: F401  (fixtures)
 
 
-async def _task_states(flow_run_id) -> dict[str, str]:
+async def _task_states(flow_run_id, expected: int) -> dict[str, str]:
+    """The final state of each task run of the flow run. Prefect records task runs from
+    events in the background, so they appear on the server a moment after the flow
+    returns: read until all `expected` are there in a final state (at most 30 s)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    states: dict[str, str] = {}
     async with get_client() as client:
-        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}  # names end in a run suffix
+        for _ in range(60):
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            states = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.state and r.state.is_final()}
+            if len(states) >= expected:
+                break
+            await asyncio.sleep(0.5)
+    return states  # names end in a run suffix, cut above
 
 
 async def _artifact(key: str) -> str | None:
@@ -42,7 +51,7 @@ def test_skipped_stages_are_named_and_the_run_ends_with_the_comparison(
     monkeypatch.setenv("FAKE_DVC_SKIP", "download,window")
     state = pipeline_flow(root=str(fake_dvc), return_state=True)
     assert state.result() == {s: ("skipped" if s in ("download", "window") else "ran") for s in PIPELINE_STAGES}
-    states = asyncio.run(_task_states(state.state_details.flow_run_id))
+    states = asyncio.run(_task_states(state.state_details.flow_run_id, len(PIPELINE_STAGES)))
     assert states == {f"repro-{s}": (SKIPPED_STATE if s in ("download", "window") else "Completed")
                       for s in PIPELINE_STAGES}
     artifact = asyncio.run(_artifact("rrec-comparison"))

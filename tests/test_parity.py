@@ -61,7 +61,7 @@ def test_window_examples_and_splits_match_the_spec_by_hand(tmp_path: Path) -> No
     assert stats["months_rolled_back"] == 1 and stats["min_items_reached"] is True
     assert stats["drops"] == {
         "missing_title": 0, "span_title": 0, "short_title": 1, "long_title": 0,
-        "bad_price": 1, "duplicate_meta": 0, "bad_rating": 0,
+        "bad_price": 1, "duplicate_meta": 0, "bad_rating": 0, "bad_timestamp": 0,
         "no_metadata": 2,  # u1/I03, u3/I04
         "outside_window": 2,  # u3/I08 (after the end), u4/I08 (2021)
         "duplicate_interactions": 1,  # u1/I01 of 2023-03-01
