@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,17 @@ def project_copy(tiny_project: tuple[Params, Paths], tmp_path: Path) -> tuple[Pa
     dst = tmp_path / "project"
     shutil.copytree(paths.root, dst, ignore=shutil.ignore_patterns("mlflow", "checkpoints", "trained"))
     return load_params(dst / "params.yaml"), Paths(dst)
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """One Prefect test server for the whole session (a fixture defined once here: modules
+    that each defined it would start servers of their own, and a flow could report its
+    task runs to another server than the one a test reads)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(autouse=True)

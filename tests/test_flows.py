@@ -15,14 +15,13 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows import pipeline, retrain
 from flows.pipeline import StageFailed, pipeline_flow
@@ -33,12 +32,6 @@ from rrec.data.latest import latest_interaction_date
 from rrec.paths import Paths
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def prefect_api() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def ms(day: str, hour: int = 12) -> int:

@@ -13,32 +13,37 @@ from prefect.client.orchestration import get_client
 from flows.pipeline import SKIPPED_STATE, comparison_markdown, pipeline_flow
 from rrec import tracking
 from rrec.config import parse_params
-from tests.test_flows import PIPELINE_STAGES, fake_dvc, prefect_api  # noqa: F401  (fixtures)
+from tests.test_flows import PIPELINE_STAGES, fake_dvc  # noqa: F401  (fixtures)
 
 
 async def _task_states(flow_run_id, expected: int) -> dict[str, str]:
     """The final state of each task run of the flow run. Prefect records task runs from
     events in the background, so they appear on the server a moment after the flow
-    returns: read until all `expected` are there in a final state (at most 30 s)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
+    returns: read until all `expected` are there in a final state (at most 30 s). The
+    flow run is matched here, on each task run's own `flow_run_id`."""
     states: dict[str, str] = {}
     async with get_client() as client:
         for _ in range(60):
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            states = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.state and r.state.is_final()}
+            runs = await client.read_task_runs(limit=200)
+            states = {
+                r.name.rsplit("-", 1)[0]: r.state.name  # names end in a run suffix
+                for r in runs
+                if r.flow_run_id == flow_run_id and r.state is not None and r.state.is_final()
+            }
             if len(states) >= expected:
                 break
             await asyncio.sleep(0.5)
-    return states  # names end in a run suffix, cut above
+    return states
 
 
-async def _artifact(key: str) -> str | None:
+async def _artifact(key: str, flow_run_id) -> str | None:
+    """The artifact `key` that this flow run created (other tests' runs make their own)."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     async with get_client() as client:
         found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-        return found[0].data if found else None
+        mine = [a for a in found if a.flow_run_id == flow_run_id]
+        return mine[0].data if mine else None
 
 
 def test_skipped_stages_are_named_and_the_run_ends_with_the_comparison(
@@ -54,7 +59,7 @@ def test_skipped_stages_are_named_and_the_run_ends_with_the_comparison(
     states = asyncio.run(_task_states(state.state_details.flow_run_id, len(PIPELINE_STAGES)))
     assert states == {f"repro-{s}": (SKIPPED_STATE if s in ("download", "window") else "Completed")
                       for s in PIPELINE_STAGES}
-    artifact = asyncio.run(_artifact("rrec-comparison"))
+    artifact = asyncio.run(_artifact("rrec-comparison", state.state_details.flow_run_id))
     assert artifact is not None and "| recpo | 0.0339 |" in artifact and "recpo: run nosuchrun" in artifact
 
 

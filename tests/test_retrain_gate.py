@@ -17,7 +17,7 @@ from flows.retrain import retrain_flow
 from rrec import registry
 from rrec.config import Params
 from rrec.paths import Paths
-from tests.test_flows import FakePipeline, empty_store, fake_pipeline, prefect_api  # noqa: F401  (fixtures)
+from tests.test_flows import FakePipeline, empty_store, fake_pipeline  # noqa: F401  (fixtures)
 from tests.test_registry import adapter_run, store  # noqa: F401  (fixtures)
 
 
