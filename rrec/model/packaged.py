@@ -55,5 +55,3 @@ PACKAGED: dict[str, PackagedBackbone] = {
         license="Apache-2.0",
     ),
 }
-
-

@@ -21,7 +21,7 @@ import copy
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -29,9 +29,11 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrec.model.aot import AOTDecoder, cache_positions, require_cpp_compiler
 from rrec.model.chat import chat_ids
-from rrec.model.frozen_layers import FrozenItemStates
 from rrec.model.last_layer import last_layer_only_at, unwrap
 from rrec.model.tokenizer import ANSWER, END_ANSWER, control_token_id
+
+if TYPE_CHECKING:
+    from rrec.model.frozen_layers import FrozenItemStates
 
 Messages = Sequence[dict[str, str]]
 
@@ -193,7 +195,8 @@ class RecModel(nn.Module):
         added token of the tokenizer (chat-template tokens, end of text, `</answer>`, ...)
         and the output head's rows beyond the tokenizer, all but `<answer>`, which ends
         the reasoning, and, with `end_of_turn_stops`, the backbone's end-of-turn tokens,
-        which end it too (a pretrained chat model ends its answer there). Sampling and greedy decoding set their logits to -inf, as a chat
+        which end it too (a pretrained chat model ends its answer there). Sampling and
+        greedy decoding set their logits to -inf, as a chat
         model's turn is text; the update masks the same ids, so the ratios stay exact."""
         device = self.device
         if self._banned_in_reasoning is None or self._banned_in_reasoning.device != device:
