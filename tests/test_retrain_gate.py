@@ -73,11 +73,12 @@ def test_retrain_scores_the_champion_on_the_new_split(
     assert v3[registry.SPLIT_TAG] == "new-window" and float(v3["test_ndcg_at_10.new-window"]) == 0.07
 
 
-def test_a_registered_model_is_scored_on_another_windows_split(tmp_path: Path) -> None:
+def test_a_registered_model_is_scored_on_another_windows_split(
+    project_copy: tuple[Params, Paths], tmp_path: Path
+) -> None:
     """For real: a tiny trained model, registered, loaded from the registry alone (the
     project copy it came from deleted) and scored on a window whose end moved (other item
     ids); on its own window the figure is the evaluate stage's."""
-    from rrec.data.download import run_download
     from rrec.data.window import run_window
     from rrec.evaluate import evaluate_trained
     from rrec.prompts import run_prompts
@@ -85,19 +86,10 @@ def test_a_registered_model_is_scored_on_another_windows_split(tmp_path: Path) -
     from rrec.stages.train import train_stage
     from tests.conftest import TINY_OVERRIDES, write_params
 
-    root = tmp_path / "project"
-    root.mkdir()
+    _, paths = project_copy  # the tiny project's data, backbone and item table
+    root = paths.root
     params = write_params(root, {**TINY_OVERRIDES, "train.max_steps": 2, "train.eval_every": 2,
                                  "train.recpo.init": "backbone", "evaluate.max_users": 30})
-    paths = Paths(root)
-    from rrec.items import run_items
-    from rrec.model.backbone import build_backbone
-
-    run_download(params, paths)
-    run_window(params, paths)
-    run_prompts(params, paths)
-    build_backbone(params, paths)
-    run_items(params, paths)
     train_stage(params, paths, "contrastive")
     results, *_ = evaluate_trained(params, paths, "contrastive")
     uri = log_pyfunc(params, paths, "contrastive", "rrec-Video_Games")
