@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -293,8 +294,12 @@ def log_splits(category: str, root: Path | None = None) -> list[str]:
         file = paths.split_file(split)
         if not file.exists():
             continue
-        dataset = mlflow.data.from_pandas(pd.read_parquet(file), source=str(file.resolve()),
-                                          name=f"{category}-{split}")
+        with warnings.catch_warnings():
+            # MLflow's hints on every split (a path source "interpreted in multiple ways",
+            # integer columns in the inferred schema) say nothing about these files
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(pd.read_parquet(file), source=str(file.resolve()),
+                                              name=f"{category}-{split}")
         mlflow.log_input(dataset, context="training" if split == "train" else split)
         digests.append(dataset.digest)
     return digests
