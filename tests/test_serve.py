@@ -212,7 +212,7 @@ def _raw_meta(paths: Paths, params: Params, asin: str) -> dict:
     raise AssertionError(f"{asin} not in the raw metadata")
 
 
-def test_added_items_with_wrongly_typed_fields_are_counted(base: Recommender, trained):
+def test_added_items_with_wrongly_typed_fields_or_nul_are_counted(base: Recommender, trained):
     from rrec.serve.catalogue_updates import add_or_replace_items
 
     params, paths = trained
@@ -220,10 +220,12 @@ def test_added_items_with_wrongly_typed_fields_are_counted(base: Recommender, tr
     meta = _raw_meta(paths, params, rec.catalogue.parent_asin(0))
     update = add_or_replace_items(rec, [
         json.dumps({**meta, "parent_asin": "TYPED00001", "features": "not a list", "rating_number": "1,234"}),
-        json.dumps({**meta, "parent_asin": "TYPED00002"}),
+        json.dumps({**meta, "parent_asin": "TYPED00002", "title": "Widget\u0000model"}),
     ])
     assert len(update.added) == 2
     assert update.as_dict()["wrong_type"] == {"features": 1, "rating_number": 1}
+    assert update.as_dict()["nul_characters"] == 1
+    assert rec.catalogue.title(update.added[1]) == "Widget model"
 
 
 def test_add_replace_remove_items(base: Recommender, trained, histories):

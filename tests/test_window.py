@@ -245,7 +245,7 @@ def test_text_cleaning_spaces_every_control_and_non_ascii_character() -> None:
     for code in [*range(1, 0x20), 0x7F, 0xA0, 0x2014, 0x1F600]:
         assert cleaned(f"a{chr(code)}b") == "a b", hex(code)
     assert cleaned("a\u00e9b") == "aeb"  # accents are folded, not spaced
-    assert cleaned("a\x00b") == "ab"  # NUL (JSON's \u0000) is removed, not spaced
+    assert cleaned("a\x00b") == "a b"  # NUL (JSON's \u0000) is a control character too
     assert cleaned('  say "hi"   \\ ok ') == 'say "hi" \\ ok'
     assert cleaned('say "hi" \\ ok') == 'say "hi" \\ ok'
 
@@ -279,10 +279,13 @@ def test_wrongly_typed_metadata_fields_are_counted(tmp_path: Path, capsys: pytes
 
 
 @pytest.mark.parametrize("fmt", ["rating_only", "reviews"])
-def test_json_nul_escape_is_valid_and_stripped(tmp_path: Path, fmt: str) -> None:
-    # "\u0000" is a valid JSON escape: the line is read, the character removed.
+def test_json_nul_escape_is_valid_and_counted(
+    tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "\u0000" is a valid JSON escape: the line is read, the character removed from ids and
+    # read as a space in text, so that it does not glue two words together.
     meta_lines = [
-        meta("N1\u0000", "Nul\u0000 Title", description=["de\u0000sc"]),
+        meta("N1\u0000", "Widget\u0000model", description=["de\u0000sc"]),
         meta("N2", "Plain"),
     ]
     rows = [("u\u00001", "N1", 4.0, ms(2023, 1, 1)), ("u1", "N2", 5.0, ms(2023, 1, 2))]
@@ -298,8 +301,11 @@ def test_json_nul_escape_is_valid_and_stripped(tmp_path: Path, fmt: str) -> None
     assert stats["drops"]["no_metadata"] == 0
     assert (stats["users"], stats["items"], stats["examples"]) == (1, 2, 1)
     n1 = items_by_asin(paths)["N1"]
-    assert (n1["title"], n1["description"]) == ("Nul Title", "desc")
+    assert (n1["title"], n1["description"]) == ("Widget model", "de sc")
     assert [e["user_id"] for e in all_examples(paths)] == ["u1"]
+    assert stats["nul_characters"] == 1
+    assert ("items kept with a NUL character (\\u0000) in their title or text, read as a space: 1"
+            in capsys.readouterr().out)
 
 
 # -------------------------------------------------------------------- malformed

@@ -45,7 +45,8 @@ number and rating_number a whole number >= 0. A field of another type is read as
 missing and counted (`wrong_type`, per field, see `TYPED_FIELDS`); in an array, elements
 that are not strings are left out and the field counted. JSON null and an absent field
 are missing, not wrong. A NUL character (the valid JSON escape `\u0000`) is removed from
-every string: ids, title and text.
+ids and, like any control character, read as a space in the title and text; the items
+written with one are counted (`nul_characters`).
 
 DuckDB has no HTML unescape of its own (the `inet` extension's needs a download), so
 `rrec_unescape` is a Python UDF (`html.unescape` itself); only strings that contain `&`
@@ -115,7 +116,7 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
         ),
         "rrec_squash(s)": (
             "CASE WHEN rrec_needs_squash(s) THEN trim(regexp_replace(regexp_replace("
-            f"replace(s, chr(0), ''), '{_NOT_PRINTABLE_ASCII}', ' ', 'g'), ' {{2,}}', "
+            f"s, '{_NOT_PRINTABLE_ASCII}', ' ', 'g'), ' {{2,}}', "
             "' ', 'g')) ELSE s END"
         ),
         # An id without NUL characters (a valid JSON escape, never part of an id).
@@ -127,6 +128,12 @@ def register(con: duckdb.DuckDBPyConnection) -> None:
             "lambda x: json_extract_string(x, '$')) END"
         ),
         "rrec_meta_text(j)": "CASE WHEN json_type(j) = 'VARCHAR' THEN json_extract_string(j, '$') END",
+        # Whether a typed text or list field holds a NUL character (read as a space).
+        "rrec_text_has_nul(j)": "coalesce(contains(rrec_meta_text(j), chr(0)), false)",
+        "rrec_list_has_nul(j)": (
+            "coalesce(list_bool_or(list_transform(rrec_meta_list(j), "
+            "lambda x: contains(x, chr(0)))), false)"
+        ),
         "rrec_meta_number(j)": (
             "CASE WHEN json_type(j) IN ('BIGINT', 'UBIGINT', 'HUGEINT', 'DOUBLE') AND "
             "isfinite(TRY_CAST(j AS DOUBLE)) THEN TRY_CAST(j AS DOUBLE) END"
@@ -184,7 +191,8 @@ def item_validity_sql(source: str, max_title_words: int) -> str:
     """A query over `source` (columns parent_asin, title JSON, price JSON and any others,
     which pass through in order) that replaces `title` by the title's text (accents folded)
     and `price` by
-    a DOUBLE or NULL, and adds `reason`: NULL when the line is valid, else one of
+    a DOUBLE or NULL, and adds `title_has_nul` (the title held a NUL character) and
+    `reason`: NULL when the line is valid, else one of
     ITEM_REASONS except duplicate_meta, which needs the file order and is decided by the
     caller. Every line is returned, malformed ones too: the caller counts those apart."""
     return f"""
@@ -206,6 +214,7 @@ def item_validity_sql(source: str, max_title_words: int) -> str:
         )
         SELECT * EXCLUDE (title_unescaped, title_stripped, title_clean, price_value)
                 REPLACE (rrec_text_title(title_unescaped) AS title, price_value AS price),
+            coalesce(contains(title_unescaped, chr(0)), false) AS title_has_nul,
             CASE
                 WHEN title_unescaped IS NULL THEN 'missing_title'
                 WHEN contains(title_unescaped, '<span id') THEN 'span_title'

@@ -47,7 +47,8 @@ window, `train`, `valid`, `test`), `examples` (= train + valid + test = interact
 users; the paper's "interactions" column equals this number), the window, the months
 rolled back, `drops` {reason: count}, `malformed` and `lines` {file name: count},
 `wrong_type` {metadata field: items written whose field had the wrong type and was read
-as missing (`rrec.data.clean.TYPED_FIELDS`)},
+as missing (`rrec.data.clean.TYPED_FIELDS`)}, `nul_characters` (items written whose title
+or text held a NUL character, read as a space),
 `dropped_share` (interaction lines lost to bad data: malformed, bad_rating, bad_timestamp,
 no_metadata, over all interaction lines) and the `max_dropped_share` it was checked against.
 
@@ -190,6 +191,9 @@ def drop_table(stats: dict[str, Any], inter_name: str, meta_name: str) -> str:
     if wrong:
         out.append("  items kept with a field of the wrong type, read as missing: "
                    + ", ".join(f"{f} {n:,}" for f, n in wrong.items()))
+    if stats.get("nul_characters"):
+        out.append(f"  items kept with a NUL character (\\u0000) in their title or text, read as "
+                   f"a space: {stats['nul_characters']:,}")
     out.append(
         f"  interaction lines lost to bad data ({', '.join(BAD_DATA_REASONS)}): "
         f"{stats['dropped_share']:.1%} (data.window.max_dropped_share: "
@@ -688,9 +692,10 @@ def _write_outputs(
     paths: Paths,
     sizes: tuple[int, int, int],
     max_history: int,
-) -> dict[str, int]:
+) -> tuple[dict[str, int], int]:
     """The items (text cleaning, on a second connection and thread) while the examples are
-    built and split; returns the wrong-type counts of the items written."""
+    built and split; returns the wrong-type and NUL counts of the items written
+    (`_field_counts`)."""
     _item_ids(con)
     cursor = con.cursor()
     try:
@@ -704,7 +709,7 @@ def _write_outputs(
             items_done.result()
     finally:
         cursor.close()
-    return _wrong_types(con)
+    return _field_counts(con)
 
 
 _ITEM_LINES = """
@@ -724,18 +729,23 @@ _ITEMS_QUERY = f"""
     {_ITEM_LINES}
     ORDER BY i.item_id
 """
-# Per typed field, the items written whose field had the wrong type (read as missing).
-_WRONG_TYPE_QUERY = "SELECT " + ", ".join(
-    f"coalesce(count_if(rrec_meta_list_wrong(m.{f})), 0)" if kind == "list"
-    else f"coalesce(count_if(rrec_meta_wrong(m.{f}, rrec_meta_{kind}(m.{f}))), 0)"
-    for f, kind in clean.TYPED_FIELDS.items()
+# Per typed field, the items written whose field had the wrong type (read as missing);
+# last, the items written with a NUL character in their title or text.
+_FIELD_COUNTS_QUERY = "SELECT " + ", ".join(
+    [f"coalesce(count_if(rrec_meta_list_wrong(m.{f})), 0)" if kind == "list"
+     else f"coalesce(count_if(rrec_meta_wrong(m.{f}, rrec_meta_{kind}(m.{f}))), 0)"
+     for f, kind in clean.TYPED_FIELDS.items()]
+    + ["coalesce(count_if(m.title_has_nul OR " + " OR ".join(
+        f"rrec_{kind}_has_nul(m.{f})" for f, kind in clean.TYPED_FIELDS.items()
+        if kind in ("list", "text")) + "), 0)"]
 ) + _ITEM_LINES
 
 
-def _wrong_types(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
-    """{field: items written whose field had the wrong type}, over `item_ids`."""
-    counts = con.execute(_WRONG_TYPE_QUERY).fetchone()
-    return {f: int(n) for f, n in zip(clean.TYPED_FIELDS, counts, strict=True)}
+def _field_counts(con: duckdb.DuckDBPyConnection) -> tuple[dict[str, int], int]:
+    """Over `item_ids`: {field: items written whose field had the wrong type}, and the
+    number of items written with a NUL character in their title or text."""
+    *counts, nul = con.execute(_FIELD_COUNTS_QUERY).fetchone()
+    return {f: int(n) for f, n in zip(clean.TYPED_FIELDS, counts, strict=True)}, int(nul)
 
 
 def _remove_outputs(paths: Paths) -> None:
@@ -838,7 +848,7 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
                 )
             sizes = split_sizes(n_examples, w.split)
             with phase("write examples and items"):
-                wrong_type = _write_outputs(con, staging, paths, sizes, w.max_history)
+                wrong_type, nul = _write_outputs(con, staging, paths, sizes, w.max_history)
 
             stats: dict[str, Any] = {
                 "category": category,
@@ -855,6 +865,7 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
                 "min_items_reached": reached,
                 **_drop_stats(drops, counts, inter_path, w.max_dropped_share),
                 "wrong_type": wrong_type,
+                "nul_characters": nul,
             }
             _check_dropped(stats, inter_path, meta_path.name, w.max_dropped_share, final=True)
         write_text(paths.window_stats, json.dumps(stats, indent=2) + "\n")
@@ -879,11 +890,12 @@ __all__ = [
 
 def clean_meta_file(
     path: Path, max_title_words: int
-) -> tuple[list[dict[str, Any]], dict[str, int], int, dict[str, int]]:
+) -> tuple[list[dict[str, Any]], dict[str, int], int, dict[str, int], int]:
     """Clean an Amazon 2023 metadata file (JSONL, optionally gzipped) with the window stage's
     rules; returns the kept items (ITEMS columns but item_id / n_interactions, in file order),
-    the drop counts per reason (with `malformed`), the number of lines read and, per typed
-    field, the kept items whose field had the wrong type (read as missing).
+    the drop counts per reason (with `malformed`), the number of lines read, per typed
+    field the kept items whose field had the wrong type (read as missing), and the kept
+    items with a NUL character in their title or text (read as a space).
 
     This is the window stage's own metadata reader, validity rules and items query, for
     catalogue updates at serving time: a served item is cleaned exactly like a trained one."""
@@ -904,10 +916,10 @@ def clean_meta_file(
             "0::BIGINT AS n_interactions FROM meta_valid"
         )
         rows = con.sql(_ITEMS_QUERY).to_arrow_table().to_pylist()
-        wrong_type = _wrong_types(con)
+        wrong_type, nul = _field_counts(con)
     finally:
         con.close()
     for row in rows:
         row.pop("item_id")
         row.pop("n_interactions")
-    return rows, {**drops, "malformed": int(malformed)}, int(lines), wrong_type
+    return rows, {**drops, "malformed": int(malformed)}, int(lines), wrong_type, nul

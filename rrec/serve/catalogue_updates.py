@@ -28,7 +28,8 @@ class CatalogueUpdate:
     """What an update did: ids added (new parent_asin), replaced, removed, and restored
     (replaced items that had been removed: they can be recommended again); metadata lines
     read and dropped (per reason, the window stage's reasons); kept items whose typed
-    field had the wrong type and was read as missing (per field)."""
+    field had the wrong type and was read as missing (per field); kept items with a NUL
+    character in their title or text, read as a space."""
 
     lines: int = 0
     added: list[int] = field(default_factory=list)
@@ -37,12 +38,14 @@ class CatalogueUpdate:
     restored: list[int] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     wrong_type: dict[str, int] = field(default_factory=dict)
+    nul_characters: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         out = {"lines": self.lines, "added": self.added, "replaced": self.replaced, "removed": self.removed,
                "restored": self.restored,
                "dropped": {k: v for k, v in self.dropped.items() if v},
-               "wrong_type": {k: v for k, v in self.wrong_type.items() if v}}
+               "wrong_type": {k: v for k, v in self.wrong_type.items() if v},
+               "nul_characters": self.nul_characters}
         if self.restored:
             out["warning"] = (
                 f"items {self.restored} had been removed; adding them again made them "
@@ -82,13 +85,14 @@ def add_items_from_file(recommender: Recommender, path: Path) -> CatalogueUpdate
     if not path.exists():
         raise FileNotFoundError(f"{path}: metadata file not found")
     window = recommender.params.data.window
-    rows, dropped, lines, wrong_type = clean_meta_file(path, window.max_title_words)
+    rows, dropped, lines, wrong_type, nul = clean_meta_file(path, window.max_title_words)
     if lines == 0:
         raise ValueError(f"{path}: holds no metadata lines")
     # The window stage's rule: a file with too many malformed lines changes nothing.
     check_malformed(path, lines, dropped.get("malformed", 0), window.max_malformed_share,
                     fix="fix the file (one Amazon 2023 metadata JSON object a line)")
-    update = CatalogueUpdate(lines=lines, dropped=dropped, wrong_type=wrong_type)
+    update = CatalogueUpdate(lines=lines, dropped=dropped, wrong_type=wrong_type,
+                             nul_characters=nul)
     if not rows:
         return update
     table_rows = encode_item_rows(recommender, rows)
