@@ -223,10 +223,11 @@ def _experiment_ids(run_ids: Sequence[str], root: Path) -> dict[str, str]:
     from mlflow.tracking import MlflowClient
 
     from rrec import tracking
+    from rrec.reachability import TrackingUnavailable
 
     try:
         client = MlflowClient(tracking_uri=tracking.configure(root))
-    except tracking.TrackingUnavailable:
+    except TrackingUnavailable:
         return {}
     out = {}
     for run_id in run_ids:

@@ -47,3 +47,21 @@ def test_evaluate_keeps_its_previous_reports_when_tracking_is_down(tmp_path: Pat
     assert rc != 0
     assert f"the MLflow tracking server at {dead} (MLFLOW_TRACKING_URI) does not answer" in out, out
     assert {f: (project / f).read_text() for f in previous if (project / f).exists()} == previous
+
+
+def test_a_full_repro_with_tracking_down_stops_at_its_first_stage(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "rrec", project / "rrec", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        s: stages[s] for s in ("download", "window", "prompts")}}))
+    assert _dvc(project, "init", "--no-scm", "-q")[0] == 0
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    rc, out = _dvc(project, "repro", MLFLOW_TRACKING_URI=dead)
+    assert rc != 0
+    assert (f"error: stage download failed: TrackingUnavailable: the MLflow tracking server at "
+            f"{dead} (MLFLOW_TRACKING_URI) does not answer") in out, out
+    assert "Running stage 'window'" not in out
+    assert not any((project / "data" / "raw").glob("*")), "the download ran"

@@ -153,6 +153,7 @@ def test_an_unreachable_tracking_server_stops_a_stage_at_once_with_the_fix(tmp_p
     from rrec import tracking
     from rrec.config import parse_params
     from rrec.paths import Paths
+    from rrec.reachability import TrackingUnavailable
     from rrec.stages.evaluate import evaluate_stage
 
     with socket.socket() as s:  # a port nobody listens on
@@ -160,7 +161,7 @@ def test_an_unreachable_tracking_server_stops_a_stage_at_once_with_the_fix(tmp_p
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     started = time.monotonic()
-    with pytest.raises(tracking.TrackingUnavailable, match="MLFLOW_TRACKING_URI") as err:
+    with pytest.raises(TrackingUnavailable, match="MLFLOW_TRACKING_URI") as err:
         tracking.require_reachable(tmp_path)
     assert f"127.0.0.1:{port}" in str(err.value) and time.monotonic() - started < 10
     # the stages that log check before loading anything (nothing exists here)
@@ -170,7 +171,7 @@ def test_an_unreachable_tracking_server_stops_a_stage_at_once_with_the_fix(tmp_p
     for stage in (lambda p, paths: evaluate_stage(p, paths, "contrastive"), run_baselines_stage,
                   lambda p, paths: run_train(p, paths, "recpo")):
         started = time.monotonic()
-        with pytest.raises(tracking.TrackingUnavailable):
+        with pytest.raises(TrackingUnavailable):
             stage(parse_params({}), Paths(tmp_path))
         assert time.monotonic() - started < 10
 

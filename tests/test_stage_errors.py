@@ -106,6 +106,7 @@ def test_a_tracking_server_lost_during_a_stage_gets_the_tracking_message(
 ) -> None:
     from mlflow import MlflowClient
 
+    from rrec import reachability
     from rrec.processes import free_port
     from rrec.stages import stage_main
 
@@ -114,6 +115,7 @@ def test_a_tracking_server_lost_during_a_stage_gets_the_tracking_message(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.delenv("RREC_DEBUG", raising=False)
+    monkeypatch.setattr(reachability, "_REACHED", {dead})  # it answered the start-up check
 
     def work(params: object, paths: object) -> None:
         MlflowClient(dead).get_experiment("0")  # what a stage's logging does once the server is gone
@@ -127,3 +129,29 @@ def test_a_tracking_server_lost_during_a_stage_gets_the_tracking_message(
         "store (mlflow/), then run the stage again"
     )
     assert "API request" not in err and "HTTPConnectionPool" not in err
+
+
+def test_every_stage_stops_before_its_work_when_tracking_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Even a stage that logs nothing (the data stages) checks first, so that a full
+    `dvc repro` stops at its first stage instead of computing up to train."""
+    from rrec import reachability
+    from rrec.processes import free_port
+    from rrec.stages import stage_main
+
+    write_params(tmp_path, {})
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.delenv("RREC_DEBUG", raising=False)
+    monkeypatch.setattr(reachability, "_REACHED", set())
+    worked: list[bool] = []
+
+    assert stage_main("download", lambda params, paths: worked.append(True), ["--root", str(tmp_path)]) == 1
+    assert worked == []
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"error: stage download failed: TrackingUnavailable: the MLflow tracking server at {dead} "
+        "(MLFLOW_TRACKING_URI) does not answer (ConnectionError); start it, point "
+        "MLFLOW_TRACKING_URI at a running one, or unset it to track into the project's own "
+        "store (mlflow/)"
+    )

@@ -10,14 +10,14 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from rrec import registry, tracking
+from rrec import reachability, registry, tracking
 
 
 @pytest.fixture
 def own_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking, "_REACHED", set())
+    monkeypatch.setattr(reachability, "_REACHED", set())
     monkeypatch.setattr(tracking, "_RELOCATED", set())
     yield
     mlflow.set_tracking_uri(None)
@@ -44,7 +44,7 @@ def test_a_moved_or_copied_checkout_writes_into_its_own_store(
     else:
         shutil.copytree(old, new)
         shutil.rmtree(old / "mlflow" / "artifacts")  # anything written there would show
-    monkeypatch.setattr(tracking, "_REACHED", set())
+    monkeypatch.setattr(reachability, "_REACHED", set())
     monkeypatch.setattr(tracking, "_RELOCATED", set())
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # mlflow.set_tracking_uri set it; a new process starts without
 

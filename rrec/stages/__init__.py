@@ -6,7 +6,9 @@ gives every stage the same command line (`--params`, `--root`, `--method`), prin
 time spent in the stage's work (`rrec-stage-compute <stage> <seconds>`, read by
 `benchmarks/orchestration_overhead.py`) and turns a failure into one message naming
 what failed and why, with exit status 1 (2 for a parameter file that cannot be used);
-`RREC_DEBUG=1` shows the traceback instead. Stages that compute with the model run
+`RREC_DEBUG=1` shows the traceback instead. Every stage first checks that the tracking
+store answers (`rrec.reachability`), so that a pipeline whose later stages would fail
+to log stops before it computes anything. Stages that compute with the model run
 with `params.threads` torch threads, whatever the machine has.
 """
 
@@ -26,6 +28,7 @@ from typing import Any
 
 from rrec.config import METHODS, ConfigError, load_params
 from rrec.paths import Paths
+from rrec.reachability import require_reachable
 
 COMPUTE_MARK = "rrec-stage-compute"
 DEBUG_ENV = "RREC_DEBUG"
@@ -104,6 +107,8 @@ def stage_main(
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            # before anything is computed: a full `dvc repro` stops at its first stage
+            require_reachable(paths.root)
             work(params, paths, args.method) if with_method else work(params, paths)
     except Exception as err:
         if debug:
