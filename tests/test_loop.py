@@ -76,6 +76,45 @@ def test_the_starting_weights_are_evaluated_but_never_kept() -> None:
     assert logged[0] == {"valid_ndcg@10": 0.5, "train_reward": 0.2}
 
 
+def test_the_time_split_sums_each_part_of_the_run_where_it_is_spent() -> None:
+    """Each part's sum is the time of the calls it wraps: here every call sleeps a known
+    time, so each part's sum is at least its calls' sleeps and the parts fit in the total."""
+    import time
+
+    from rrec.timing import Phases
+
+    def sleeping(seconds: float, result: Any = None) -> Any:
+        def call(*args: Any) -> Any:
+            time.sleep(seconds)
+            return result
+        return call
+
+    class _SleepingCheckpoints:
+        def save(self, progress: Progress) -> None:
+            time.sleep(0.02)
+
+    phases = Phases("train")
+    config = LoopConfig(n_examples=40, batch_size=10, epochs=1, max_steps=None, eval_every=2,
+                        checkpoint_every=2, patience=9, seed=0, eval_at_start=True)
+    values = iter([0.1, 0.2, 0.3])
+    run_loop(
+        config, SimpleNamespace(is_main_process=False), _SleepingCheckpoints(),
+        step_fn=sleeping(0.03, {"loss": 1.0}),
+        eval_fn=lambda step: (time.sleep(0.05), {"ndcg@10": next(values)})[1],
+        on_best=sleeping(0.01), log_fn=sleeping(0.001), phases=phases,
+    )
+    # 4 steps, evaluations at 0, 2 and 4, both improving, checkpoints at 2 and 4,
+    # 4 step logs and 3 evaluation logs
+    expected = {"evaluations": 3 * 0.05, "training steps": 4 * 0.03, "logging": 7 * 0.001,
+                "best-model saves": 2 * 0.01, "checkpoints": 2 * 0.02}
+    assert set(phases.seconds) == set(expected)
+    for name, slept in expected.items():
+        assert phases.seconds[name] >= slept, name
+    assert sum(phases.seconds.values()) <= phases.total()
+    table = phases.table().splitlines()
+    assert table[0].startswith("[train] time split of ") and len(table) == 1 + len(expected)
+
+
 class _RecordingAccelerator:
     """What `Checkpoints` calls on an accelerator, recorded."""
 

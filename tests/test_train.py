@@ -144,6 +144,18 @@ def test_train_then_evaluate_writes_reports(project_copy):
 
     summary = train_stage(params, paths, "contrastive")
     assert summary["steps"] == 6 and summary["best_step"] in (3, 6)
+    # where the run's time went, in its MLflow run
+    from mlflow import MlflowClient
+
+    from rrec import tracking
+
+    logged = MlflowClient(tracking.configure(paths.root)).get_run(summary["mlflow_run_id"]).data.metrics
+    split = {k: v for k, v in logged.items() if k.startswith("time_s/")}
+    assert set(split) == {f"time_s/{p}" for p in (
+        "training_steps", "evaluations", "evaluations_item_table", "evaluations_valid_users",
+        "evaluations_train_reward_probe", "evaluations_reasoning_samples", "logging",
+        "best_model_saves", "checkpoints")}
+    assert split["time_s/evaluations"] >= split["time_s/evaluations_item_table"] > 0
     report = evaluate_stage(params, paths, "contrastive")
     test = report["methods"]["contrastive"]["test"]
     assert set(test) >= {"hit@5", "ndcg@5", "hit@10", "ndcg@10", "hit@20", "ndcg@20"}

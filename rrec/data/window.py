@@ -74,12 +74,11 @@ import math
 import os
 import shutil
 import threading
-import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +92,7 @@ from rrec.config import Params, WindowParams
 from rrec.data import clean
 from rrec.data.schema import EXAMPLES, ITEMS
 from rrec.paths import SPLITS, Paths
+from rrec.timing import Phases
 
 CSV_HEADER = "user_id,parent_asin,rating,timestamp"
 INTERACTION_REASONS: tuple[str, ...] = (
@@ -260,25 +260,6 @@ def _check_dropped(
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-class _Phases:
-    """Prints each phase with its duration (the stage runs for minutes on real data)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._t0 = time.perf_counter()
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        yield
-        self.seconds[name] = time.perf_counter() - t0
-        cpu = time.process_time() - c0
-        print(f"[window] {name}: {self.seconds[name]:.2f} s (cpu {cpu:.2f} s)", flush=True)
-
-    def total(self) -> float:
-        return time.perf_counter() - self._t0
 
 
 # ----------------------------------------------------------------------- reading
@@ -792,7 +773,7 @@ def run_window(params: Params, paths: Paths) -> dict[str, Any]:
     spill_root = data_dir / ".duckdb_tmp"
     _remove_dead_runs(data_dir, spill_root)
     spill = spill_root / f"window-{run_id}"
-    phase = _Phases()
+    phase = Phases("window", echo=True)
     con: duckdb.DuckDBPyConnection | None = None
     try:
         spill.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ import torch
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
+from rrec.timing import Phases
+
 PROGRESS_FILE = "progress.json"
 
 
@@ -149,14 +151,18 @@ def run_loop(
     log_fn: Callable[[dict[str, float], int], None],
     progress: Progress | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    phases: Phases | None = None,
 ) -> Progress:
     """Train until epochs / max_steps / early stopping; evaluate every `eval_every` steps.
 
     `step_fn(global_batch_indices, step)` does one optimiser step and returns scalars to
     log; `eval_fn(step)` returns validation metrics; `on_best(step)` saves the best model.
     `should_stop(step)` is a test hook to simulate a crash right after a step.
+    `phases` sums the time of the steps, evaluations, best-model saves, checkpoints and
+    logging (never deciding anything).
     """
     progress = progress or Progress()
+    phase = phases or Phases("train")
     per_epoch = cfg.n_examples // cfg.batch_size
     if per_epoch == 0:
         raise ValueError(
@@ -166,9 +172,11 @@ def run_loop(
     bar = tqdm(total=total, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
 
     def record_eval() -> dict[str, float]:
-        metrics = eval_fn(progress.step)
+        with phase("evaluations"):
+            metrics = eval_fn(progress.step)
         # the probe's training reward keeps its name; the rest is validation
-        log_fn({k if k.startswith("train_") else f"valid_{k}": v for k, v in metrics.items()}, progress.step)
+        with phase("logging"):
+            log_fn({k if k.startswith("train_") else f"valid_{k}": v for k, v in metrics.items()}, progress.step)
         progress.evals.append({"step": progress.step, **metrics})
         return metrics
 
@@ -176,7 +184,8 @@ def run_loop(
         value = record_eval()[cfg.metric]
         if value > progress.best_metric:
             progress.best_metric, progress.best_step, progress.bad_evals = value, progress.step, 0
-            on_best(progress.step)
+            with phase("best-model saves"):
+                on_best(progress.step)
         else:
             progress.bad_evals += 1
         return progress.bad_evals >= cfg.patience and progress.step >= cfg.min_steps
@@ -189,18 +198,21 @@ def run_loop(
             break
         batches = epoch_batches(cfg.n_examples, cfg.batch_size, cfg.seed, progress.epoch)
         while progress.batch_in_epoch < len(batches):
-            logs = step_fn(batches[progress.batch_in_epoch], progress.step)
+            with phase("training steps"):
+                logs = step_fn(batches[progress.batch_in_epoch], progress.step)
             progress.step += 1
             progress.batch_in_epoch += 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:3]})
-            log_fn(logs, progress.step)
+            with phase("logging"):
+                log_fn(logs, progress.step)
             if progress.step % cfg.eval_every == 0 and evaluate_now():
                 progress.stopped = "early_stopping"
             elif cfg.max_steps is not None and progress.step >= cfg.max_steps:
                 progress.stopped = "max_steps"
             if progress.stopped or progress.step % cfg.checkpoint_every == 0:
-                checkpoints.save(progress)
+                with phase("checkpoints"):
+                    checkpoints.save(progress)
             if progress.stopped:
                 break
             if should_stop is not None and should_stop(progress.step):
@@ -211,6 +223,7 @@ def run_loop(
     if progress.best_step < 0 or (progress.evals and progress.evals[-1]["step"] != progress.step and progress.stopped != "early_stopping"):
         # make sure the last weights were evaluated at least once
         evaluate_now()
-        checkpoints.save(progress)
+        with phase("checkpoints"):
+            checkpoints.save(progress)
     bar.close()
     return progress

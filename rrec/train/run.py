@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -30,6 +31,7 @@ from rrec.model.lora import save_adapter
 from rrec.paths import Paths
 from rrec.prompts import UserPrompts, load_user_prompts
 from rrec.ranking import evaluate_policy, item_titles, reasoning_samples
+from rrec.timing import Phases
 from rrec.train.build import Training, build_training
 from rrec.train.loop import Checkpoints, LoopConfig, Progress, fingerprint, run_loop
 from rrec.train.objectives import rewards
@@ -102,6 +104,7 @@ class Trainer:
         )
         self.titles = item_titles(paths)
         self.eval_table: ItemTable | None = None
+        self.phase = Phases("train")
 
     def step(self, batch: Any, step: int) -> dict[str, float]:
         return self.training.step(batch, step)
@@ -115,33 +118,39 @@ class Trainer:
                 self.steps_log.append({"step": step, **scalars})
 
     def evaluate(self, step: int) -> dict[str, float]:
-        params, training = self.params, self.training
+        params, training, phase = self.params, self.training, self.phase
         policy = training.policy
-        self.eval_table = encode_items(
-            policy, training.ctx.item_prompt_ids, self.ckpt_dir / "eval_table", batch_size=params.items.batch_size,
-            chunk_size=params.items.chunk_size,
-            meta={"backbone": params.model.backbone, "adapter": f"{training.method}@{step}"},
-        )
-        if training.step.table is not None:  # the whole table is re-encoded before every evaluation
-            training.step.table.copy_from(self.eval_table)
-        metrics, details = evaluate_policy(
-            policy, self.eval_table, self.valid_users, reasoning=training.reasoning, ks=params.evaluate.ks,
-            max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size, progress=self.main,
-        )
-        metrics["reward"] = self._mean_reward(details["states"], self.valid_users)
-        if self.probe_users is not None:
-            probe_states, _ = policy_user_states(
-                policy, self.probe_users.conversations, reasoning=training.reasoning,
-                max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size, progress=False,
+        with phase("evaluations: item table"):
+            self.eval_table = encode_items(
+                policy, training.ctx.item_prompt_ids, self.ckpt_dir / "eval_table",
+                batch_size=params.items.batch_size, chunk_size=params.items.chunk_size,
+                meta={"backbone": params.model.backbone, "adapter": f"{training.method}@{step}"},
             )
-            metrics["train_reward"] = self._mean_reward(probe_states, self.probe_users)
+            if training.step.table is not None:  # the whole table is re-encoded before every evaluation
+                training.step.table.copy_from(self.eval_table)
+        with phase("evaluations: valid users" + (" (reasoning)" if training.reasoning else "")):
+            metrics, details = evaluate_policy(
+                policy, self.eval_table, self.valid_users, reasoning=training.reasoning, ks=params.evaluate.ks,
+                max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size,
+                progress=self.main,
+            )
+            metrics["reward"] = self._mean_reward(details["states"], self.valid_users)
+        if self.probe_users is not None:
+            with phase("evaluations: train reward probe"):
+                probe_states, _ = policy_user_states(
+                    policy, self.probe_users.conversations, reasoning=training.reasoning,
+                    max_new_tokens=params.evaluate.max_new_tokens, batch_size=params.evaluate.batch_size,
+                    progress=False,
+                )
+                metrics["train_reward"] = self._mean_reward(probe_states, self.probe_users)
         policy.train()
         if self.main and params.train.eval_samples:
             import mlflow
 
-            rows = reasoning_samples(policy, self.eval_table, self.valid_users, details, self.titles,
-                                     n=params.train.eval_samples)
-            mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, f"reasoning/step_{step:06d}.json")
+            with phase("evaluations: reasoning samples"):
+                rows = reasoning_samples(policy, self.eval_table, self.valid_users, details, self.titles,
+                                         n=params.train.eval_samples)
+                mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, f"reasoning/step_{step:06d}.json")
         return metrics
 
     def _mean_reward(self, states: torch.Tensor, users: UserPrompts) -> float:
@@ -222,14 +231,25 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
         )
         progress = run_loop(
             cfg, accelerator, checkpoints, trainer.step, trainer.evaluate, trainer.save_best, trainer.log,
-            progress=progress, should_stop=should_stop,
+            progress=progress, should_stop=should_stop, phases=trainer.phase,
         )
         accelerator.wait_for_everyone()
         summary: dict[str, Any] = {}
         if main:
             summary = _finish(params, paths, method, training, ckpt_dir / "best", progress, steps_log, started)
+            _report_time_split(trainer.phase)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _report_time_split(phases: Phases) -> None:
+    """Where this process's time went (steps, evaluations and their parts, saves,
+    checkpoints, logging), printed and logged to the MLflow run as `time_s/<phase>`."""
+    import mlflow
+
+    print(phases.table(), flush=True)
+    mlflow.log_metrics({"time_s/" + re.sub(r"[^a-z0-9]+", "_", n.lower()).strip("_"): round(v, 2)
+                        for n, v in phases.seconds.items()})
 
 
 def _finish(
