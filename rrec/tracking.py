@@ -245,7 +245,8 @@ def log_splits(category: str, root: Path | None = None) -> list[str]:
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(pd.read_parquet(file), source=str(file.resolve()),
                                               name=f"{category}-{split}")
-        mlflow.log_input(dataset, context="training" if split == "train" else split)
+            # the schema is inferred (and hinted about) when the dataset is logged
+            mlflow.log_input(dataset, context="training" if split == "train" else split)
         digests.append(dataset.digest)
     return digests
 

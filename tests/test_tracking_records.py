@@ -129,3 +129,28 @@ def test_registered_models_and_versions_are_described(tmp_path: Path) -> None:
     assert "history" in client.get_registered_model("rrec-Cat").description
     described = client.get_model_version("rrec-Cat", str(version)).description
     assert described == f"recpo trained in run {run.info.run_id}, window ending 2023-06-30"
+
+
+def test_logging_the_splits_prints_none_of_mlflows_schema_hints(tmp_path: Path) -> None:
+    import warnings
+
+    import pandas as pd
+
+    from rrec.paths import Paths
+
+    paths = Paths(tmp_path)
+    paths.split_file("train").parent.mkdir(parents=True)
+    pd.DataFrame({"example_id": [0, 1], "user_id": ["u1", "u2"], "target": [3, 4]}).to_parquet(
+        paths.split_file("train"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with mlflow.start_run():
+                digests = tracking.log_splits("Cat", tmp_path)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(digests) == 1
+    hints = [m for m in map(str, (w.message for w in seen))
+             if m.startswith("Hint") or "interpreted in multiple ways" in m]
+    assert hints == []
