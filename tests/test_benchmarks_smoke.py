@@ -167,6 +167,17 @@ def test_reasoning_cost_reads_both_ways(
         assert re.search(rf"^{split}: reasoning minus none [+-]\d\.\d{{4}}", out, re.M)
 
 
+def test_reasoning_cost_reads_one_way_on_one_split(
+    trained: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run_script(
+        "reasoning_cost.py", "backbone", "2", "--splits", "test", "--arms", "none",
+        env={"ROOT": str(trained)}, monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    assert re.search(r"^test n=\d+ no reasoning: ndcg@10 \d\.\d{4}, reasoning length 0\.0$", out, re.M), out
+    assert "valid" not in out and "after reasoning" not in out and "minus none" not in out
+
+
 def test_learning_curves_prints_each_evaluation(
     trained: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
