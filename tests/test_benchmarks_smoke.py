@@ -22,6 +22,7 @@ import torch
 
 from rrec.config import Params, load_params
 from rrec.paths import Paths
+from rrec.prompts import load_user_prompts
 from tests.conftest import TINY_OVERRIDES, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +177,33 @@ def test_reasoning_cost_reads_one_way_on_one_split(
     )  # fmt: skip
     assert re.search(r"^test n=\d+ no reasoning: ndcg@10 \d\.\d{4}, reasoning length 0\.0$", out, re.M), out
     assert "valid" not in out and "after reasoning" not in out and "minus none" not in out
+
+
+def test_backbone_table_adds_zero_shot_and_recpo_without_reasoning(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rrec.stages.evaluate import evaluate_stage
+
+    root = tmp_path / "project"
+    shutil.copytree(trained, root)
+    params, paths = load_params(root / "params.yaml"), Paths(root)
+    for method in ("contrastive", "recpo"):
+        evaluate_stage(params, paths, method, register=False)
+    capsys.readouterr()
+    out = run_script("backbone_table.py", env={"ROOT": str(root)}, monkeypatch=monkeypatch, capsys=capsys)
+    n = len(load_user_prompts(paths, "test"))
+    for name, reasoning in [("popularity", "none"), ("random", "none"), ("contrastive", "none"),
+                            ("zero-shot (untrained backbone)", "none"), ("recpo", "none"), ("recpo", "yes")]:
+        assert re.search(rf"^\| {re.escape(name)} \| {reasoning} \| {n} \| \d\.\d{{4}} \| \d\.\d{{4}} \|$", out, re.M), out
+    assert re.search(rf"^RecPO, reasoning minus none: [+-]\d\.\d{{4}} NDCG@10 \(95 % interval .*, n={n}\)$", out, re.M)
+    assert re.search(rf"^RecPO minus contrastive: [+-]\d\.\d{{4}} NDCG@10 .*n={n}\)$", out, re.M)
+
+
+def test_backbone_table_needs_an_evaluated_project(
+    trained: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit, match="no evaluated RecPO model"):
+        run_script("backbone_table.py", env={"ROOT": str(trained)}, monkeypatch=monkeypatch, capsys=capsys)
 
 
 def test_learning_curves_prints_each_evaluation(
