@@ -7,7 +7,9 @@ config (`save_pretrained`). `load_adapter` tells the two apart by those files.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +44,15 @@ def lora_config(lora: LoraParams, num_layers: int | None = None) -> LoraConfig:
     )
 
 
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft reads `is_gradient_checkpointing`, which transformers deprecates with a
+    FutureWarning on every wrap; it says nothing a user of this project can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraParams) -> PreTrainedModel | PeftModel:
     """Wrap `model` with a fresh LoRA adapter (only its weights trainable), or, with
     `lora.enabled: false`, return `model` with every parameter trainable."""
@@ -56,7 +67,8 @@ def apply_lora(model: PreTrainedModel, lora: LoraParams) -> PreTrainedModel | Pe
             f"{type(model).__name__}; name its linear layers (e.g. q_proj, v_proj for Qwen2/Gemma/Llama)"
         )
     num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    return get_peft_model(model, lora_config(lora, num_layers))
+    with _quiet_peft():
+        return get_peft_model(model, lora_config(lora, num_layers))
 
 
 def trainable_parameters(model: PreTrainedModel | PeftModel) -> tuple[int, int]:
@@ -113,7 +125,8 @@ def load_adapter(
     """
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / ADAPTER_CONFIG).exists():
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        with _quiet_peft():
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     if (adapter_dir / "config.json").exists():
         loaded = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=model.dtype)
         loaded.to(model.device)
