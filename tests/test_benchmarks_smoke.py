@@ -187,14 +187,20 @@ def test_backbone_table_adds_zero_shot_and_recpo_without_reasoning(
     root = tmp_path / "project"
     shutil.copytree(trained, root)
     params, paths = load_params(root / "params.yaml"), Paths(root)
-    for method in ("contrastive", "recpo"):
-        evaluate_stage(params, paths, method, register=False)
+    with monkeypatch.context() as m:  # the store the fixture's training runs are in
+        m.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained.parent / 'mlflow.db'}")
+        for method in ("contrastive", "recpo"):
+            evaluate_stage(params, paths, method, register=False)
     capsys.readouterr()
     out = run_script("backbone_table.py", env={"ROOT": str(root)}, monkeypatch=monkeypatch, capsys=capsys)
-    n = len(load_user_prompts(paths, "test"))
-    for name, reasoning in [("popularity", "none"), ("random", "none"), ("contrastive", "none"),
-                            ("zero-shot (untrained backbone)", "none"), ("recpo", "none"), ("recpo", "yes")]:
-        assert re.search(rf"^\| {re.escape(name)} \| {reasoning} \| {n} \| \d\.\d{{4}} \| \d\.\d{{4}} \|$", out, re.M), out
+    # the evaluate stage's users (evaluate.max_users), for the policies and the new rows
+    n = len(load_user_prompts(paths, "test").sample_users(params.evaluate.max_users, params.seed))
+    for name, reasoning, count in [
+        ("popularity", "none", r"\d+"), ("random", "none", r"\d+"), ("contrastive", "none", n),
+        ("zero-shot (untrained backbone)", "none", n), ("recpo", "none", n), ("recpo", "yes", n),
+    ]:
+        assert re.search(rf"^\| {re.escape(name)} \| {reasoning} \| {count} \| \d\.\d{{4}} \| \d\.\d{{4}} \|$",
+                         out, re.M), out
     assert re.search(rf"^RecPO, reasoning minus none: [+-]\d\.\d{{4}} NDCG@10 \(95 % interval .*, n={n}\)$", out, re.M)
     assert re.search(rf"^RecPO minus contrastive: [+-]\d\.\d{{4}} NDCG@10 .*n={n}\)$", out, re.M)
 
