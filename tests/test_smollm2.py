@@ -113,3 +113,30 @@ def test_items_training_and_serving_run_on_it(smollm2_project, monkeypatch):
     (out,) = rec.recommend([[0, 1, 2]], k=5)
     assert len(out.items) == 5 and not {0, 1, 2} & {i.item_id for i in out.items}
     assert "<|im_end|>" not in out.reasoning and "<answer>" not in out.reasoning
+
+
+def test_states_skip_the_logits_and_run_the_last_layer_only_where_read_on_llama(smollm2_project):
+    """The economies measured on the tiny (Qwen2) model hold on SmolLM2's Llama layers:
+    a state is read from the decoder alone (the 49,152-way LM head never runs), and the
+    last layer's per-token parts run at one row per sequence, giving the full pass's states."""
+    from rrec.items import read_item_prompts
+    from rrec.model.loading import new_policy
+
+    params, paths, _ = smollm2_project
+    rec = new_policy(params, paths.backbone).eval()
+    seqs = rec.item_prompt_ids(read_item_prompts(paths.item_prompts_file)[:3])
+    rows_seen: list[int] = []
+    decoder = rec.lm.get_decoder()
+    assert type(decoder.layers[-1]).__name__ == "LlamaDecoderLayer"
+    decoder.layers[-1].mlp.down_proj.register_forward_hook(
+        lambda _m, args, _out: rows_seen.append(args[0].flatten(0, -2).shape[0]))
+    head_calls: list[int] = []
+    rec.lm.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    ids, mask = rec.pad(seqs)
+    full = rec.answer_states(ids, mask)  # autograd on: the whole last layer runs
+    assert rows_seen == [ids.numel()]
+    rows_seen.clear()
+    with torch.no_grad():
+        trimmed = rec.encode(seqs)
+    assert rows_seen == [len(seqs)] and head_calls == []
+    torch.testing.assert_close(trimmed, full.detach(), atol=1e-5, rtol=1e-5)
