@@ -28,6 +28,7 @@ from rrec.config import load_params
 from rrec.metrics import paired_difference
 from rrec.model.item_table import ItemTable
 from rrec.model.loading import TRAIN_SUMMARY, load_trained_policy, policy_from_adapter
+from rrec.model.two_headed import RecModel
 from rrec.paths import Paths
 from rrec.prompts import load_user_prompts
 from rrec.ranking import evaluate_policy
@@ -66,7 +67,7 @@ def main() -> None:
     users = load_user_prompts(paths, "test").sample_users(params.evaluate.max_users, params.seed)
     ev = params.evaluate
 
-    def score(rec: object, table: ItemTable) -> tuple[dict[str, float], dict[int, int]]:
+    def score(rec: RecModel, table: ItemTable) -> tuple[dict[str, float], dict[int, int]]:
         metrics, details = evaluate_policy(rec, table, users, reasoning=False, ks=(10,),
                                            max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
         return metrics, dict(zip(users.example_ids, details["ranks"].tolist(), strict=True))

@@ -245,11 +245,11 @@ def run_train(params: Params, paths: Paths, method: str, should_stop: Any = None
 def _report_time_split(phases: Phases) -> None:
     """Where this process's time went (steps, evaluations and their parts, saves,
     checkpoints, logging), printed and logged to the MLflow run as `time_s/<phase>`."""
-    import mlflow
+    from rrec import tracking
 
     print(phases.table(), flush=True)
-    mlflow.log_metrics({"time_s/" + re.sub(r"[^a-z0-9]+", "_", n.lower()).strip("_"): round(v, 2)
-                        for n, v in phases.seconds.items()})
+    tracking.log_metrics({re.sub(r"[^a-z0-9]+", "_", n.lower()).strip("_"): round(v, 2)
+                          for n, v in phases.seconds.items()}, prefix="time_s/")
 
 
 def _finish(
