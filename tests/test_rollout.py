@@ -181,3 +181,73 @@ def test_trajectories_written_elsewhere_are_scored_as_the_engine_scores_its_own(
     for mine, theirs in zip(scored.old_logprobs, roll.old_logprobs, strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(scored.user_states, roll.user_states, atol=1e-4, rtol=1e-4)
+
+
+def _prompts_with_a_shared_head(model, n=5):
+    head = {"role": "system", "content": "recommend the next game title from the buyers history"}
+    convs = [[head, *conv] for conv in conversations(n, seed=9)]
+    return convs, model.user_prompt_ids(convs)
+
+
+def test_generation_after_a_shared_prefix_equals_generation_of_whole_prompts():
+    from rrec.model.two_headed import shared_prefix_length
+
+    model = tiny_recmodel()
+    _, prompts = _prompts_with_a_shared_head(model, 6)
+    n = shared_prefix_length(prompts)
+    assert n > 5 and len({len(p) for p in prompts}) > 1  # a real head, and left padding after it
+    prefix = model.shared_prefix(prompts[0][:n])
+    engine = HFEngine(temperature=3.0, top_k=0, max_new_tokens=7)
+    whole = engine.generate(model, prompts, greedy=True)
+    after = engine.generate(model, prompts, greedy=True, prefix=prefix)
+    assert after.reasoning_ids == whole.reasoning_ids and set(whole.lengths) == {7}
+    torch.testing.assert_close(after.user_states, whole.user_states, atol=1e-4, rtol=1e-4)
+    _answer_likely(model, 9.0)  # now some rows stop early, others run to the cap
+    prefix = model.shared_prefix(prompts[0][:n])  # the cache of the current weights
+    torch.manual_seed(3)
+    sampled_whole = engine.generate(model, prompts, group_size=2)
+    torch.manual_seed(3)
+    sampled_after = engine.generate(model, prompts, group_size=2, prefix=prefix)
+    assert sampled_after.reasoning_ids == sampled_whole.reasoning_ids
+    assert min(sampled_whole.lengths) < 7 and 7 in sampled_whole.lengths
+    torch.testing.assert_close(sampled_after.user_states, sampled_whole.user_states, atol=1e-4, rtol=1e-4)
+    for a, b in zip(sampled_after.old_logprobs, sampled_whole.old_logprobs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="shared prefix"):
+        engine.generate(model, [prompts[0][1:]], greedy=True, prefix=prefix)
+
+
+@pytest.mark.parametrize("reasoning", [False, True])
+def test_user_states_encode_the_shared_head_once(reasoning):
+    from rrec.model.generation import policy_user_states
+
+    model = tiny_recmodel()
+    convs, _ = _prompts_with_a_shared_head(model, 7)
+    prompts = model.user_prompt_ids(convs, answer=not reasoning)
+    fed: list[tuple[int, ...]] = []
+    hook = model.lm.get_input_embeddings().register_forward_hook(lambda _m, args, _o: fed.append(tuple(args[0].shape)))
+    try:
+        states, texts = policy_user_states(
+            model, convs, reasoning=reasoning, max_new_tokens=4, batch_size=3, progress=False
+        )
+    finally:
+        hook.remove()
+    from rrec.model.two_headed import shared_prefix_length
+
+    n = shared_prefix_length(prompts)
+    # the head once, then per batch of 3 (sorted by length) only what follows it, padded
+    by_length = sorted(prompts, key=len)
+    batches = [by_length[i : i + 3] for i in range(0, len(prompts), 3)]
+    assert fed[0] == (1, n)
+    prompt_passes = [shape for shape in fed[1:] if shape[1] > 2]  # not a decoding or `<answer>` step
+    assert prompt_passes == [(len(b), max(map(len, b)) - n) for b in batches]
+    engine = HFEngine(temperature=1.0, top_k=0, max_new_tokens=4)
+    for row, prompt in enumerate(prompts):
+        if reasoning:
+            alone = engine.generate(model, [prompt], greedy=True)
+            assert texts[row] == alone.reasoning_ids[0]
+            expected = alone.user_states[0]
+        else:
+            with torch.no_grad():
+                expected = model.encode([prompt])[0].float()
+        torch.testing.assert_close(states[row], expected, atol=1e-4, rtol=1e-4)

@@ -118,10 +118,9 @@ class FrozenItemStates:
         positions = n + torch.arange(width, device=x.device).expand(len(keys), -1)
         inputs: dict = {"inputs_embeds": x, "position_ids": positions, "use_cache": bool(n)}
         if n:  # the prefix's keys and values in the trained layers change with them: recomputed
-            cache = rec.shared_prefix(self.prefix).cache
-            cache.batch_repeat_interleave(len(keys))
-            inputs["past_key_values"] = cache
-            inputs["attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1)
+            prefix = rec.shared_prefix(self.prefix)
+            inputs["past_key_values"] = prefix.for_batch(len(keys))
+            inputs["attention_mask"] = prefix.attention_mask(mask)
         decoder = rec.lm.get_decoder()
         # without a prefix and right-padded, a real token only attends to earlier real
         # tokens, so no padding mask is needed (RecModel.forward)

@@ -37,7 +37,7 @@ from transformers import DynamicCache
 
 from rrec.model.last_layer import last_layer_only_at
 from rrec.model.lora import merged_weights
-from rrec.model.two_headed import RecModel, position_ids_from_mask
+from rrec.model.two_headed import RecModel, SharedPrefix, position_ids_from_mask, shared_prefix_length
 
 
 @dataclass
@@ -99,11 +99,19 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(
-        self, model: RecModel, prompts: Sequence[Sequence[int]], *, group_size: int = 1, greedy: bool = False
+        self,
+        model: RecModel,
+        prompts: Sequence[Sequence[int]],
+        *,
+        group_size: int = 1,
+        greedy: bool = False,
+        prefix: SharedPrefix | None = None,
     ) -> Rollout:
+        """`prefix`: a head every prompt starts with, already encoded (`RecModel.shared_prefix`
+        with the current weights); the prompt pass then runs only what follows it."""
         expanded = [list(p) for p in prompts for _ in range(group_size)]
         parts = [
-            self._generate_batch(model, expanded[i : i + self.batch_size], greedy)
+            self._generate_batch(model, expanded[i : i + self.batch_size], greedy, prefix)
             for i in range(0, len(expanded), self.batch_size)
         ]
         return Rollout(
@@ -114,7 +122,9 @@ class HFEngine:
             user_states=torch.cat([p.user_states for p in parts]),
         )
 
-    def _generate_batch(self, model: RecModel, prompts: list[list[int]], greedy: bool) -> Rollout:
+    def _generate_batch(
+        self, model: RecModel, prompts: list[list[int]], greedy: bool, prefix: SharedPrefix | None = None
+    ) -> Rollout:
         if greedy and len(prompts) == 1 and model.aot_single_requests:
             aot = model.aot_decoder(self.max_new_tokens)
             if aot.fits(len(prompts[0]), self.max_new_tokens):
@@ -127,14 +137,18 @@ class HFEngine:
         was_training = lm.training
         lm.eval()
         try:
-            ids, mask = model.pad(prompts, padding_side="left")
-            generated, token_lp, cache = self._decode(model, ids, mask, greedy)
-            return self._finish(model, mask, generated, token_lp, cache)
+            n = len(prefix.ids) if prefix is not None else 0
+            if prefix is not None and any(tuple(p[:n]) != prefix.ids or len(p) <= n for p in prompts):
+                raise ValueError("every prompt must start with the shared prefix and go on after it")
+            ids, mask = model.pad([p[n:] for p in prompts], padding_side="left")
+            generated, token_lp, cache = self._decode(model, ids, mask, greedy, prefix)
+            full_mask = prefix.attention_mask(mask) if prefix is not None else mask
+            return self._finish(model, full_mask, generated, token_lp, cache)
         finally:
             lm.train(was_training)
 
     def _decode(
-        self, model: RecModel, ids: torch.Tensor, mask: torch.Tensor, greedy: bool
+        self, model: RecModel, ids: torch.Tensor, mask: torch.Tensor, greedy: bool, prefix: SharedPrefix | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
         """Sample (or greedily pick) up to `max_new_tokens` tokens per row.
 
@@ -143,17 +157,18 @@ class HFEngine:
         which dominate a small model's decoding time. Returns the tokens [n, steps] (a
         row's tokens after its first stop token are padding), their log-probs under
         `log_softmax(logits / temperature)`, and the KV cache, which holds the prompt and
-        every generated token but the last, like `generate`'s.
+        every generated token but the last, like `generate`'s. With a `prefix`, `ids` and
+        `mask` are what follows it and the cache starts as a copy of the prefix's.
         """
         decoder, head = model.lm.get_decoder(), model.lm.get_output_embeddings()
         temperature = 1.0 if greedy else self.temperature
         stop = torch.tensor(_stop_ids(model), device=ids.device)
-        cache = DynamicCache()
+        cache = prefix.for_batch(ids.shape[0]) if prefix is not None else DynamicCache()
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        positions = position_ids_from_mask(mask)
+        positions = position_ids_from_mask(mask) + (len(prefix.ids) if prefix is not None else 0)
         # generated columns are never padding: without left padding the fused causal
         # attention applies at every step and no mask is built
-        attn = mask if not bool(mask.all()) else None
+        attn = prefix.attention_mask(mask) if prefix is not None else mask if not bool(mask.all()) else None
         feed = ids
         tokens, logprobs = [], []
         # the prompt pass reads the last position only: the last layer skips the others
@@ -390,7 +405,9 @@ def policy_user_states(
 ) -> tuple[torch.Tensor, list[list[int]]]:
     """User states [N, d] (float32, cpu) and the reasoning token ids of each user.
 
-    Batches are formed over prompts sorted by length, so padding stays small."""
+    Batches are formed over prompts sorted by length, so padding stays small. The head
+    all the prompts share (chat template, instruction, the history's header) is encoded
+    once, with the current weights, and every batch runs only what follows it."""
     prompts = rec.user_prompt_ids(conversations, answer=not reasoning)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     states = torch.empty(len(prompts), rec.hidden_size)
@@ -400,16 +417,18 @@ def policy_user_states(
     rec.eval()
     try:
         with torch.no_grad():
+            n_shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+            prefix = rec.shared_prefix(prompts[0][:n_shared]) if n_shared else None
             for start in tqdm(range(0, len(order), batch_size), desc="user states", disable=not progress, leave=False):
                 idx = order[start : start + batch_size]
                 batch = [prompts[i] for i in idx]
                 if reasoning:
-                    roll = engine.generate(rec, batch, group_size=1, greedy=True)
+                    roll = engine.generate(rec, batch, group_size=1, greedy=True, prefix=prefix)
                     out = roll.user_states
                     for j, i in enumerate(idx):
                         texts[i] = roll.reasoning_ids[j]
                 else:
-                    out = rec.encode(batch).float().cpu()
+                    out = (rec.encode_after_prefix(prefix, batch) if prefix else rec.encode(batch)).float().cpu()
                 states[idx] = out
     finally:
         rec.train(was_training)

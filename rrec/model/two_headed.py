@@ -113,6 +113,16 @@ class SharedPrefix:
     ids: tuple[int, ...]
     cache: DynamicCache
 
+    def for_batch(self, rows: int) -> DynamicCache:
+        """A copy of the cache repeated for `rows` sequences (the kept one is never extended)."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    def attention_mask(self, suffix_mask: torch.Tensor) -> torch.Tensor:
+        """The mask of prefix + suffix: the prefix is attended in every row."""
+        return torch.cat([torch.ones_like(suffix_mask[:, :1]).expand(-1, len(self.ids)), suffix_mask], dim=1)
+
 
 class RecModel(nn.Module):
     """The causal LM `lm` (possibly a peft model) with the recommendation head."""
@@ -352,13 +362,11 @@ class RecModel(nn.Module):
         if any(tuple(s[:n]) != prefix.ids or len(s) <= n for s in sequences):
             raise ValueError("every sequence must start with the shared prefix and go on after it")
         ids, mask = self.pad([s[n:] for s in sequences])
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(len(sequences))
         return self._decoder_states_at(
             answer_rows(ids, mask, self.answer_token_id),
             input_ids=ids,
-            attention_mask=torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1),
+            attention_mask=prefix.attention_mask(mask),
             position_ids=n + position_ids_from_mask(mask),
-            past_key_values=cache,
+            past_key_values=prefix.for_batch(len(sequences)),
             use_cache=True,
         )
