@@ -34,12 +34,14 @@ def evaluate_policy(
     max_new_tokens: int,
     batch_size: int,
     progress: bool = True,
+    share_head: bool = True,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics of the policy on `users`, and the details: user states, reasoning ids and
-    lengths, and the target's rank in each example (`ranks`, in `users` order)."""
+    lengths, and the target's rank in each example (`ranks`, in `users` order).
+    `share_head`: as in `policy_user_states`."""
     states, reasoning_ids = policy_user_states(
         rec, users.conversations, reasoning=reasoning, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, share_head=share_head,
     )
     def score_fn(idx: list[int]) -> torch.Tensor:
         return table.score(states[idx], rec.tau)

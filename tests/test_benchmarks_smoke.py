@@ -179,6 +179,23 @@ def test_reasoning_cost_reads_one_way_on_one_split(
     assert "valid" not in out and "after reasoning" not in out and "minus none" not in out
 
 
+def test_user_states_bench_times_the_shared_head_against_whole_prompts(
+    trained: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run_script(
+        "user_states_bench.py", "recpo", "3", "--max-users", "12",
+        env={"ROOT": str(trained)}, monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    assert re.search(r"^recpo on valid: n=12 examples, \d+ prompt tokens on average", out, re.M), out
+    for label in ("right after the prompt", "after 3 reasoning tokens"):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        cells = [c.strip() for c in line.split("|")]
+        assert re.fullmatch(r"\d+\.\d\dx", cells[3]), line
+        assert cells[4] == cells[5], line  # the same NDCG@10 both ways
+        assert cells[6] == "12 of 12", line  # the same reasoning for every user
+        assert float(cells[7]) < 1e-4, line
+
+
 def test_backbone_table_adds_zero_shot_and_recpo_without_reasoning(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -316,6 +333,7 @@ def test_orchestration_overhead_splits_a_repro_log(
         ("item_encoding_bench.py", ["--root", "{root}"], {}),
         ("latency_bench.py", ["--root", "{root}"], {}),
         ("reasoning_cost.py", [], {"ROOT": "{root}"}),
+        ("user_states_bench.py", [], {"ROOT": "{root}"}),
         ("learning_curves.py", ["contrastive"], {"ROOT": "{root}"}),
         ("load_test.py", ["--root", "{root}"], {}),
         ("quality.py", ["--root", "{root}"], {}),

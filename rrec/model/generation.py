@@ -402,12 +402,14 @@ def policy_user_states(
     max_new_tokens: int,
     batch_size: int,
     progress: bool = True,
+    share_head: bool = True,
 ) -> tuple[torch.Tensor, list[list[int]]]:
     """User states [N, d] (float32, cpu) and the reasoning token ids of each user.
 
     Batches are formed over prompts sorted by length, so padding stays small. The head
     all the prompts share (chat template, instruction, the history's header) is encoded
-    once, with the current weights, and every batch runs only what follows it."""
+    once, with the current weights, and every batch runs only what follows it
+    (`share_head=False`: every prompt from its first token, for comparisons)."""
     prompts = rec.user_prompt_ids(conversations, answer=not reasoning)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     states = torch.empty(len(prompts), rec.hidden_size)
@@ -417,7 +419,7 @@ def policy_user_states(
     rec.eval()
     try:
         with torch.no_grad():
-            n_shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+            n_shared = shared_prefix_length(prompts) if share_head and len(prompts) > 1 else 0
             prefix = rec.shared_prefix(prompts[0][:n_shared]) if n_shared else None
             for start in tqdm(range(0, len(order), batch_size), desc="user states", disable=not progress, leave=False):
                 idx = order[start : start + batch_size]
