@@ -74,7 +74,7 @@ def measure(root: Path, method: str, tokens: int, split: str, arms: tuple[str, .
         same = sum(a == b for a, b in zip(shared_details["reasoning_ids"], whole_details["reasoning_ids"], strict=True))
         cos = torch.nn.functional.cosine_similarity(shared_details["states"], whole_details["states"], dim=1)
         label = f"after {tokens} reasoning tokens" if reasoning else "right after the prompt"
-        print(f"{label:<24} | {seconds[True]:>13.1f} | {seconds[False]:>15.1f} | "
+        print(f"{label:<26} | {seconds[True]:>13.1f} | {seconds[False]:>15.1f} | "
               f"{seconds[False] / seconds[True]:>5.2f}x | {shared['ndcg@10']:>14.4f} | {whole['ndcg@10']:>13.4f} | "
               f"{same:>5} of {len(users):<5} | {float((1 - cos).max()):.1e}")
 
