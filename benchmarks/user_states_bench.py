@@ -53,7 +53,7 @@ def measure(root: Path, method: str, tokens: int, split: str, arms: tuple[str, .
     prompts = rec.user_prompt_ids(users.conversations)
     print(f"{method} on {split}: n={len(users)} examples, {sum(map(len, prompts)) / len(prompts):.0f} prompt "
           f"tokens on average, threads {params.threads}, batch {params.evaluate.batch_size}")
-    print(f"{'state read':<24} | {'shared head s':>13} | {'whole prompts s':>15} | {'ratio':>6} | "
+    print(f"{'state read':<26} | {'shared head s':>13} | {'whole prompts s':>15} | {'ratio':>6} | "
           f"{'ndcg@10 shared':>14} | {'ndcg@10 whole':>13} | same reasoning | max 1-cos")
     for arm in arms:
         reasoning = arm == "reasoning"
