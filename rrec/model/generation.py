@@ -37,7 +37,12 @@ from transformers import DynamicCache
 
 from rrec.model.last_layer import last_layer_only_at
 from rrec.model.lora import merged_weights
-from rrec.model.two_headed import RecModel, SharedPrefix, position_ids_from_mask, shared_prefix_length
+from rrec.model.two_headed import (
+    RecModel,
+    SharedPrefix,
+    position_ids_from_mask,
+    shared_prefix_length,
+)
 
 
 @dataclass
