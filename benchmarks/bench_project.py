@@ -27,6 +27,7 @@ decoder layers (`model.lora.layers`) and at most 5 history items in a prompt
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -202,6 +203,19 @@ def ensure_trained(paths: Paths, methods: Sequence[str]) -> None:
                 "(a speed benchmark: the weights matter only through what they generate)",
                 flush=True,
             )
+
+
+def env_project(workspace: Workspace, backbone: str | None, trained: Sequence[str]) -> Path:
+    """The project at `ROOT` (default: the current folder) when its params name
+    `backbone`, else one built with it in `workspace` where `trained` methods are trained
+    for a couple of steps. A `ROOT` set in the environment with another backbone is refused."""
+    root = Path(os.environ.get("ROOT", "."))
+    chosen, use_root = choose(root, backbone, explicit="ROOT" in os.environ)
+    if use_root:
+        return root
+    _, built = build_project(workspace.project, chosen)
+    ensure_trained(built, trained)
+    return built.root
 
 
 class Workspace:

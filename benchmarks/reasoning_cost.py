@@ -21,7 +21,6 @@ A diagnosis, not a pipeline stage: nothing is written to the project.
 from __future__ import annotations
 
 import argparse
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -81,13 +80,7 @@ def main() -> None:
     bench_project.add_arguments(ap)
     args = ap.parse_args()
     with bench_project.Workspace(args.build_into, "reasoning_cost_") as ws:
-        root = Path(os.environ.get("ROOT", "."))
-        backbone, use_root = bench_project.choose(root, args.backbone, explicit="ROOT" in os.environ)
-        if not use_root:
-            _, built = bench_project.build_project(ws.project, backbone)
-            if args.method != "backbone":
-                bench_project.ensure_trained(built, [args.method])
-            root = built.root
+        root = bench_project.env_project(ws, args.backbone, [] if args.method == "backbone" else [args.method])
         measure(root, args.method, args.tokens, tuple(args.splits), tuple(dict.fromkeys(args.arms)))
 
 

@@ -28,7 +28,6 @@ Nothing is written to the project.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -89,12 +88,7 @@ def main() -> None:
     bench_project.add_arguments(ap)
     args = ap.parse_args()
     with bench_project.Workspace(args.build_into, "user_states_bench_") as ws:
-        root = Path(os.environ.get("ROOT", "."))
-        backbone, use_root = bench_project.choose(root, args.backbone, explicit="ROOT" in os.environ)
-        if not use_root:
-            _, built = bench_project.build_project(ws.project, backbone)
-            bench_project.ensure_trained(built, [args.method])
-            root = built.root
+        root = bench_project.env_project(ws, args.backbone, [args.method])
         measure(root, args.method, args.tokens, args.split, tuple(dict.fromkeys(args.arms)), args.max_users)
 
 

@@ -119,7 +119,8 @@ class FrozenItemStates:
         inputs: dict = {"inputs_embeds": x, "position_ids": positions, "use_cache": bool(n)}
         if n:  # the prefix's keys and values in the trained layers change with them: recomputed
             prefix = rec.shared_prefix(self.prefix)
-            inputs["past_key_values"] = prefix.for_batch(len(keys))
+            prefix.cache.batch_repeat_interleave(len(keys))  # encoded for this pass alone: no copy
+            inputs["past_key_values"] = prefix.cache
             inputs["attention_mask"] = prefix.attention_mask(mask)
         decoder = rec.lm.get_decoder()
         # without a prefix and right-padded, a real token only attends to earlier real

@@ -142,10 +142,7 @@ class HFEngine:
         was_training = lm.training
         lm.eval()
         try:
-            n = len(prefix.ids) if prefix is not None else 0
-            if prefix is not None and any(tuple(p[:n]) != prefix.ids or len(p) <= n for p in prompts):
-                raise ValueError("every prompt must start with the shared prefix and go on after it")
-            ids, mask = model.pad([p[n:] for p in prompts], padding_side="left")
+            ids, mask = model.pad(prefix.suffixes(prompts) if prefix is not None else prompts, padding_side="left")
             generated, token_lp, cache = self._decode(model, ids, mask, greedy, prefix)
             full_mask = prefix.attention_mask(mask) if prefix is not None else mask
             return self._finish(model, full_mask, generated, token_lp, cache)
@@ -168,12 +165,15 @@ class HFEngine:
         decoder, head = model.lm.get_decoder(), model.lm.get_output_embeddings()
         temperature = 1.0 if greedy else self.temperature
         stop = torch.tensor(_stop_ids(model), device=ids.device)
-        cache = prefix.for_batch(ids.shape[0]) if prefix is not None else DynamicCache()
+        if prefix is None:
+            cache, positions = DynamicCache(), position_ids_from_mask(mask)
+            # generated columns are never padding: without left padding the fused causal
+            # attention applies at every step and no mask is built
+            attn = mask if not bool(mask.all()) else None
+        else:
+            cache, positions = prefix.for_batch(ids.shape[0]), len(prefix.ids) + position_ids_from_mask(mask)
+            attn = prefix.attention_mask(mask)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        positions = position_ids_from_mask(mask) + (len(prefix.ids) if prefix is not None else 0)
-        # generated columns are never padding: without left padding the fused causal
-        # attention applies at every step and no mask is built
-        attn = prefix.attention_mask(mask) if prefix is not None else mask if not bool(mask.all()) else None
         feed = ids
         tokens, logprobs = [], []
         # the prompt pass reads the last position only: the last layer skips the others

@@ -113,6 +113,13 @@ class SharedPrefix:
     ids: tuple[int, ...]
     cache: DynamicCache
 
+    def suffixes(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+        """What follows the prefix in each sequence; every one must start with it and go on."""
+        n = len(self.ids)
+        if any(tuple(s[:n]) != self.ids or len(s) <= n for s in sequences):
+            raise ValueError("every sequence must start with the shared prefix and go on after it")
+        return [list(s[n:]) for s in sequences]
+
     def for_batch(self, rows: int) -> DynamicCache:
         """A copy of the cache repeated for `rows` sequences (the kept one is never extended)."""
         cache = copy.deepcopy(self.cache)
@@ -358,15 +365,12 @@ class RecModel(nn.Module):
         """`encode(sequences)` for sequences that all start with `prefix`, computing only
         what follows it, on top of the prefix's cache: the same states (up to float
         rounding) for a fraction of the work when prompts share a long template head."""
-        n = len(prefix.ids)
-        if any(tuple(s[:n]) != prefix.ids or len(s) <= n for s in sequences):
-            raise ValueError("every sequence must start with the shared prefix and go on after it")
-        ids, mask = self.pad([s[n:] for s in sequences])
+        ids, mask = self.pad(prefix.suffixes(sequences))
         return self._decoder_states_at(
             answer_rows(ids, mask, self.answer_token_id),
             input_ids=ids,
             attention_mask=prefix.attention_mask(mask),
-            position_ids=n + position_ids_from_mask(mask),
+            position_ids=len(prefix.ids) + position_ids_from_mask(mask),
             past_key_values=prefix.for_batch(len(sequences)),
             use_cache=True,
         )
